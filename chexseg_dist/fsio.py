@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import uuid
 from typing import IO, Any
 
 import fsspec
@@ -73,3 +74,25 @@ def makedirs(path: str) -> None:
     """Create a local directory (object stores have no directories: a no-op there)."""
     if not is_uri(path):
         os.makedirs(path, exist_ok=True)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Publish ``data`` at ``path`` only when complete: temp file + rename locally, a single PUT on object stores.
+
+    A reader (or a resumed job) therefore never sees a half-written file.
+    """
+    if is_uri(path):
+        with open_file(path, "wb") as f:
+            f.write(data)
+        return
+    path = path[len("file://") :] if path.startswith("file://") else path
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
