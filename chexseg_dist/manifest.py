@@ -23,7 +23,9 @@ when the CSV was written (``CheXpert-v1.0-small/`` or ``CheXpert-v1.0/`` in the 
 CSVs). It is replaced by ``root``, the folder that holds ``train/`` and ``valid/``. Without ``root`` it is the CSV's
 own directory: in every release the CSVs sit in the dataset folder, so this resolves the original release and a
 renamed or moved copy alike (``/data/cxp/train.csv`` with ``CheXpert-v1.0-small/train/...`` paths resolves to
-``/data/cxp/train/...``). Absolute paths and URIs in the CSV are kept as they are unless ``root`` is given.
+``/data/cxp/train/...``). When the CSV sits beside the dataset folder instead (``DIR/train.csv`` next to
+``DIR/CheXpert-v1.0-small/``, as Kaggle copies and ``chexseg synth`` lay it out), that folder is the root.
+Absolute paths and URIs in the CSV are kept as they are unless ``root`` is given.
 """
 
 from __future__ import annotations
@@ -136,10 +138,22 @@ def _split_paths(paths: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.extract_regex(paths, pattern=CHEXPERT_PATH_PATTERN)
 
 
-def resolve_root(csv_path: str, root: str | None) -> str:
-    """The dataset folder a CSV's paths resolve against: ``root`` (made absolute if local) or the CSV's directory."""
+def resolve_root(csv_path: str, root: str | None, prefix: str = "") -> str:
+    """The dataset folder a CSV's paths resolve against.
+
+    ``root`` (made absolute if local) when given. Otherwise the CSV's directory, which is the dataset folder in every
+    CheXpert release, however it was renamed; but when the CSV sits NEXT TO the dataset folder, i.e. the folder named
+    by the paths' ``prefix`` exists beside the CSV (``DIR/train.csv`` with ``DIR/CheXpert-v1.0-small/train/...``,
+    as Kaggle copies and ``chexseg synth`` lay it out), that folder. One directory check, no image is opened.
+    """
     if root is None:
-        return fsio.parent(csv_path)
+        here = fsio.parent(csv_path)
+        if prefix:
+            beside = fsio.join(here, prefix)
+            fs, inner = fsio.filesystem(beside)
+            if fs.isdir(inner):
+                return beside
+        return here
     if fsio.is_uri(root):
         return root.rstrip("/")
     # Ray workers resolve relative paths against their own working directory: store absolute ones.
@@ -299,8 +313,9 @@ def manifest_from_csv(csv_path: str, root: str | None = None, split: str | None 
         )
 
     # Path remap, vectorised: root + "/" + the path from the split (or patient) directory on.
-    base = resolve_root(csv_path, root)
     rel = pc.struct_field(parts, "rel")
+    first_path, first_rel = str(raw_paths[0].as_py()), str(rel[0].as_py())
+    base = resolve_root(csv_path, root, prefix=first_path[: len(first_path) - len(first_rel)].strip("/"))
     paths = pc.binary_join_element_wise(pa.scalar(base.rstrip("/")), rel, "/")
     if root is None:
         keep = pc.or_(pc.starts_with(raw_paths, "/"), pc.match_substring(raw_paths, "://"))

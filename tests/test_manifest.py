@@ -121,6 +121,15 @@ def test_paths_resolve_in_a_moved_and_renamed_dataset(tmp_path: Path) -> None:
     ]
 
 
+def test_paths_resolve_when_the_csv_sits_beside_the_dataset_folder(tmp_path: Path) -> None:
+    # DIR/train.csv next to DIR/CheXpert-v1.0-small/ (Kaggle copies, chexseg synth): paths are relative to DIR.
+    csv_path = _write_csv(tmp_path / "train.csv", ROWS[:1])
+    (tmp_path / PREFIX / "train").mkdir(parents=True)
+    assert manifest_from_csv(csv_path).column("path").to_pylist() == [
+        str(tmp_path / PREFIX / "train/patient00001/study1/view1_frontal.jpg")
+    ]
+
+
 @pytest.mark.parametrize(
     ("root", "expected"),
     [
