@@ -1,0 +1,336 @@
+"""Benchmark the pseudo-labelling pipeline: Ray Data vs a single-process loop, store bytes, peak memory.
+
+Side by side, on the same phantom radiographs, the same random-weight classifier and the same store format:
+
+- ``ray``: :func:`chexseg_dist.pseudolabel.run_pseudolabel` on a local Ray (decode tasks, a fixed actor pool,
+  staged fragments committed per chunk).
+- ``loop``: one process reading, decoding, letterboxing, running :func:`predict_with_cams` in batches and writing
+  the store chunk by chunk with :class:`MapStore` (no Ray, torch using every core).
+
+Each measurement runs in its own subprocess; a sampler sums the proportional set size (PSS: shared pages such as
+Ray's object store counted once in total) and the RSS of that process and all its descendants (driver, GCS,
+raylet, workers) every 0.25 s. Throughput is images / seconds of the processing stage (Ray: from the first
+dataset operator to the last commit, actor start-up included, ``ray.init`` excluded) and end-to-end wall time.
+Store bytes per image come from the files on disk, split into maps (``cams`` + ``cam_max``), ``probs`` and the rest,
+for the tiny geometry (128 px, 8 x 8 grid) and the paper geometry (10 x 10 grid at 320 px, 1024 images per chunk;
+maps from a 5-stage tiny_cnn with random weights, since a DenseNet121 on 2 CPU cores would take hours).
+
+Usage::
+
+    python benchmarks/bench_pipeline.py --sizes 300,3000 --json bench.json
+
+Prints a table (and writes JSON with --json). Nothing here is used by the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def prepare(work: Path, n_max: int, sizes: list[int]) -> dict[str, Any]:
+    """Phantom radiographs (cached), one manifest per size (first N frontal rows), random-weight checkpoints."""
+    import torch
+
+    from chexseg_dist.checkpoint import save_checkpoint
+    from chexseg_dist.config import SynthConfig
+    from chexseg_dist.manifest import manifest_from_csv, write_manifest
+    from chexseg_dist.models import create_classifier
+    from chexseg_dist.phantom import generate
+
+    data = work / "phantom"
+    if not (data / "train.csv").exists():
+        t0 = time.time()
+        generate(str(data), SynthConfig(n_train=n_max, n_valid=0, n_test=0, size=256, lateral_fraction=0.0, workers=2))
+        print(f"generated {n_max} phantom radiographs in {time.time() - t0:.0f} s", flush=True)
+    full = manifest_from_csv(str(data / "train.csv"), root=str(data / "CheXpert-v1.0-small"))
+    manifests = {}
+    for n in sizes:
+        path = work / f"manifest_{n}.parquet"
+        if not path.exists():
+            write_manifest(full.slice(0, n), str(path))
+        manifests[n] = str(path)
+    ckpts = {}
+    for name, size, widths in (("tiny", 128, (16, 32, 64, 128)), ("paper_grid", 320, (16, 32, 64, 128, 128))):
+        path = work / f"ckpt_{name}"
+        if not (path / "checkpoint.json").exists():
+            torch.manual_seed(0)
+            model = create_classifier("tiny_cnn", widths=widths)
+            save_checkpoint(str(path), model, arch="tiny_cnn", image_size=size, config={})
+        ckpts[name] = str(path)
+    return {"manifests": manifests, "checkpoints": ckpts}
+
+
+def store_bytes(store: str) -> dict[str, int]:
+    """Bytes on disk per array of a local store (metadata files included in 'meta')."""
+    out: dict[str, int] = {}
+    for root, _, files in os.walk(store):
+        rel = os.path.relpath(root, store).split(os.sep)[0]
+        key = "meta" if rel == "." else rel
+        out[key] = out.get(key, 0) + sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+
+def worker_ray(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from chexseg_dist.config import load_config
+    from chexseg_dist.pseudolabel import run_pseudolabel
+
+    t0 = time.time()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    t_init = time.time() - t0
+    cfg = load_config("tiny", None, args.set)
+    t1 = time.time()
+    summary = run_pseudolabel(cfg, args.manifest, args.checkpoint, args.store, overwrite=True, printer=lambda s: None)
+    wall = time.time() - t1
+    ray.shutdown()
+    return {
+        "images": summary.processed,
+        "failed": summary.failed,
+        "stage_s": summary.seconds,
+        "wall_s": wall,
+        "ray_init_s": t_init,
+        "operators": summary.operators,
+    }
+
+
+def worker_loop(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from chexseg_dist import fsio
+    from chexseg_dist.checkpoint import load_classifier, predict_with_cams
+    from chexseg_dist.config import load_config
+    from chexseg_dist.images import frame_from_bytes
+    from chexseg_dist.manifest import read_manifest
+    from chexseg_dist.pseudolabel import probe_grid_shape, select_images
+    from chexseg_dist.store import EncodedRows, MapStore, encode_rows, split_by_chunk
+
+    t1 = time.time()
+    cfg = load_config("tiny", None, args.set).pseudolabel
+    torch.set_num_threads(args.cpus)
+    loaded = load_classifier(args.checkpoint)
+    size = loaded.image_size
+    images = select_images(read_manifest(args.manifest), True)
+    store = MapStore.create(
+        args.store,
+        images.column("image_id").to_pylist(),
+        np.asarray(images.column("row")),
+        probe_grid_shape([args.checkpoint]),
+        images_per_chunk=cfg.images_per_chunk,
+        overwrite=True,
+    )
+    paths = images.column("path").to_pylist()
+    t0 = time.time()
+    ipc = cfg.images_per_chunk
+    pending: list[EncodedRows] = []
+    for start in range(0, len(paths), cfg.batch_size):
+        chunk_paths = paths[start : start + cfg.batch_size]
+        decoded = [frame_from_bytes(fsio.read_bytes(p), size, p) for p in chunk_paths]
+        frames = torch.from_numpy(np.stack([f for f, _ in decoded]))[:, None].float() / 255.0
+        probs, cams = predict_with_cams(loaded, frames)
+        boxes = np.asarray([b.params() for _, b in decoded], dtype=np.int32)
+        slots = np.arange(start, start + len(chunk_paths))
+        pending.append(encode_rows(slots, probs.numpy(), cams.numpy(), boxes[:, :2], boxes))
+        end = start + len(chunk_paths)
+        last = end >= len(paths)
+        # Slots arrive in order: every chunk below end // ipc is complete and written once, whole.
+        if last or end // ipc > pending[0].slots[0] // ipc:
+            parts = split_by_chunk(EncodedRows.concat(pending), ipc)
+            for c in sorted(parts):
+                if last or c < end // ipc:
+                    store.write_chunk(c, parts[c])
+            pending = [] if last else [parts[c] for c in sorted(parts) if c >= end // ipc]
+    stage = time.time() - t0
+    return {"images": len(paths), "failed": 0, "stage_s": stage, "wall_s": time.time() - t1, "ray_init_s": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+
+def _tree_memory(pid: int) -> tuple[int, int]:
+    import importlib
+
+    import ray  # noqa: F401  (importing Ray puts its vendored psutil on sys.path)
+
+    psutil = importlib.import_module("psutil")
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    pss = rss = 0
+    for p in procs:
+        try:
+            info = p.memory_full_info()
+            pss += int(getattr(info, "pss", info.rss))
+            rss += int(info.rss)
+        except psutil.Error:
+            pass
+    return pss, rss
+
+
+def measure(argv: list[str]) -> dict[str, Any]:
+    """Run one worker subprocess, sampling its process tree's memory; returns its JSON result plus peaks."""
+    proc = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True)
+    peaks = {"pss": 0, "rss": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            pss, rss = _tree_memory(proc.pid)
+            peaks["pss"], peaks["rss"] = max(peaks["pss"], pss), max(peaks["rss"], rss)
+            stop.wait(0.25)
+
+    _tree_memory(os.getpid())  # fail here, loudly, if psutil is unavailable
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, _ = proc.communicate()
+    stop.set()
+    thread.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {argv[:2]} failed with exit status {proc.returncode}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result.update(peak_pss_mb=peaks["pss"] / 2**20, peak_rss_mb=peaks["rss"] / 2**20)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="300,3000", help="dataset sizes N and 10N (comma-separated)")
+    parser.add_argument("--work", default="outputs/bench_pipeline", help="cache for images, manifests, stores")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs given to Ray")
+    parser.add_argument(
+        "--loop-threads", default="1,2", help="torch threads of the single-process loop to try; the best is compared"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], help="pipeline config override for both (e.g. pseudolabel.batch_size=16)"
+    )
+    parser.add_argument("--no-paper", action="store_true", help="skip the paper-geometry bytes measurement")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    prep = prepare(work, max(sizes), sizes)
+    common = ["--set", "pseudolabel.progress_interval_s=1000"]
+    for item in args.set:
+        common += ["--set", item]
+    variants = [("loop", int(t)) for t in args.loop_threads.split(",")] + [("ray", args.cpus)]
+    results: list[dict[str, Any]] = []
+    for n in sizes:
+        for mode, cpus in variants:
+            name = f"{mode}{cpus}" if mode == "loop" else mode
+            store = str(work / f"store_{name}_{n}.zarr")
+            argv = ["_worker", mode, "--manifest", prep["manifests"][n], "--checkpoint", prep["checkpoints"]["tiny"]]
+            argv += ["--store", store, "--cpus", str(cpus), *common]
+            load = os.getloadavg()[0]
+            res = measure(argv)
+            res.update(mode=name, n=n, bytes=store_bytes(store), load_before=load)
+            results.append(res)
+            print(
+                f"{name:>5} N={n:>5}: {res['images'] / res['stage_s']:7.1f} images/s (stage {res['stage_s']:.1f} s, "
+                f"wall {res['wall_s']:.1f} s), peak PSS {res['peak_pss_mb']:.0f} MB, load {load:.1f}",
+                flush=True,
+            )
+    paper = None
+    if not args.no_paper:
+        n = max(sizes)
+        store = str(work / "store_paper_grid.zarr")
+        argv = ["_worker", "loop", "--manifest", prep["manifests"][n], "--cpus", "1"]
+        argv += ["--checkpoint", prep["checkpoints"]["paper_grid"], "--store", store, *common]
+        paper = measure([*argv, "--set", "pseudolabel.images_per_chunk=1024"])
+        paper.update(mode="loop1", n=n, bytes=store_bytes(store), geometry="paper (320 px, 10x10, 1024/chunk)")
+    report(results, paper, sizes)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "paper_bytes": paper}, indent=2))
+
+
+def _per_image(b: dict[str, int], n: int) -> dict[str, float]:
+    maps = b.get("cams", 0) + b.get("cam_max", 0)
+    probs = b.get("probs", 0)
+    total = sum(b.values())
+    return {"maps": maps / n, "probs": probs / n, "other": (total - maps - probs) / n, "total": total / n}
+
+
+def _rate(r: dict[str, Any]) -> float:
+    return float(r["images"] / r["stage_s"])
+
+
+def report(results: list[dict[str, Any]], paper: dict[str, Any] | None, sizes: list[int]) -> None:
+    print("\n| mode | N | images/s (stage) | stage s | wall s | ray.init s | peak PSS MB | peak RSS MB | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['mode']} | {r['n']} | {_rate(r):.1f} | {r['stage_s']:.1f} | {r['wall_s']:.1f} | "
+            f"{r['ray_init_s']:.1f} | {r['peak_pss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['load_before']:.1f} |"
+        )
+    print()
+    for n in sizes:
+        ray_r = next(r for r in results if r["n"] == n and r["mode"] == "ray")
+        best = max((r for r in results if r["n"] == n and r["mode"].startswith("loop")), key=_rate)
+        ratio = _rate(ray_r) / _rate(best)
+        ratio_wall = (ray_r["images"] / (ray_r["wall_s"] + ray_r["ray_init_s"])) / (best["images"] / best["wall_s"])
+        print(
+            f"N={n}: Ray / best loop ({best['mode']}) throughput = {ratio:.2f}x (stage), "
+            f"{ratio_wall:.2f}x (end to end incl. ray.init and store creation)"
+        )
+    if len(sizes) >= 2:
+        lo, hi = min(sizes), max(sizes)
+        for mode in sorted({r["mode"] for r in results}):
+            a = next(r for r in results if r["n"] == lo and r["mode"] == mode)
+            b = next(r for r in results if r["n"] == hi and r["mode"] == mode)
+            print(
+                f"{mode}: peak PSS {a['peak_pss_mb']:.0f} MB at N={lo} -> {b['peak_pss_mb']:.0f} MB at N={hi} "
+                f"({b['peak_pss_mb'] / a['peak_pss_mb']:.2f}x for {hi / lo:.0f}x the images); peak RSS "
+                f"{a['peak_rss_mb']:.0f} -> {b['peak_rss_mb']:.0f} MB ({b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x)"
+            )
+    print("\nstore bytes per image (on disk, compressed):")
+    rows = [(f"tiny (128 px, 8x8, {r['mode']}, N={r['n']})", _per_image(r["bytes"], r["n"])) for r in results]
+    if paper is not None:
+        rows.append((f"{paper['geometry']}, N={paper['n']}", _per_image(paper["bytes"], paper["n"])))
+    for name, b in rows:
+        print(
+            f"  {name}: maps {b['maps']:.0f} B + probs {b['probs']:.0f} B = {b['maps'] + b['probs']:.0f} B; "
+            f"other {b['other']:.0f} B; total {b['total']:.0f} B"
+        )
+
+
+def worker_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("ray", "loop"))
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args(argv)
+    result = worker_ray(args) if args.mode == "ray" else worker_loop(args)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        worker_main(sys.argv[2:])
+    else:
+        main()
