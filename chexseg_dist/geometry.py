@@ -140,14 +140,24 @@ class Letterbox:
         Returns:
             ``[..., height, width]`` float32 array.
         """
-        gh, gw = grid.shape[-2:]
+        wy, wx = self.grid_weights(grid.shape[-2], grid.shape[-1])
+        return np.asarray(wy @ grid.astype(np.float32, copy=False) @ wx.T, dtype=np.float32)
+
+    def grid_weights(self, gh: int, gw: int) -> tuple[np.ndarray, np.ndarray]:
+        """The separable weights of :meth:`grid_to_original`: ``map = wy @ grid @ wx.T``.
+
+        Lets callers evaluate the upsampled map at a few rows or columns (argmax, extrema) without materialising it.
+
+        Returns:
+            ``(wy [height, gh], wx [width, gw])`` float32.
+        """
         wy = bilinear_matrix(
             self.height, gh, self.pad_top * gh / self.size, self.new_height / self.height * gh / self.size
         )
         wx = bilinear_matrix(
             self.width, gw, self.pad_left * gw / self.size, self.new_width / self.width * gw / self.size
         )
-        return np.asarray(wy @ grid.astype(np.float32, copy=False) @ wx.T, dtype=np.float32)
+        return wy, wx
 
     def _nearest_index(self, n_out: int, n_content: int, pad: int) -> np.ndarray:
         centres = pad + (np.arange(n_out) + 0.5) * (n_content / n_out)
