@@ -131,15 +131,13 @@ def checkpoint_identity(checkpoints: Sequence[str]) -> tuple[str, dict[str, Any]
 
     The fingerprint equals ``load_classifier(checkpoints).fingerprint`` (which verifies it against the weights).
     """
-    from chexseg_dist.checkpoint import read_meta
+    from chexseg_dist.checkpoint import ensemble_fingerprint, read_meta
 
     metas = [read_meta(p) for p in checkpoints]
     if len(metas) == 1:
         fingerprint = str(metas[0]["fingerprint"])
     else:
-        # The ensemble rule of chexseg_dist.checkpoint.load_classifier.
-        joined = ",".join(sorted(str(m["fingerprint"]) for m in metas))
-        fingerprint = hashlib.sha256(("ensemble:" + joined).encode()).hexdigest()
+        fingerprint = ensemble_fingerprint(str(m["fingerprint"]) for m in metas)
     sizes = {int(m["image_size"]) for m in metas}
     if len(sizes) != 1:
         raise ValueError(f"checkpoints {list(checkpoints)} were trained at different image sizes {sorted(sizes)}")

@@ -96,7 +96,8 @@ def grad_cam(model: nn.Module, images: Tensor, target_layer: str | nn.Module) ->
     if images.dim() != 4:
         raise ValueError(f"grad_cam: images must be [B, C, H, W], got shape {tuple(images.shape)}")
     name, layer = _resolve_layer(model, target_layer)
-    with _eval_mode(model):
+    # inference_mode(False): callers may wrap inference in torch.inference_mode(), under which no head graph can exist.
+    with torch.inference_mode(False), _eval_mode(model):
         split = model.split_at_target(name) if isinstance(model, SplitModel) else None
         if split is None:
             return _grad_cam_hooked(model, images, layer, name)

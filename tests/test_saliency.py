@@ -194,6 +194,16 @@ def test_plain_torchvision_densenet_matches_the_registered_one() -> None:
     assert cams.max() > 0
 
 
+def test_works_inside_a_callers_inference_mode() -> None:
+    torch.manual_seed(7)
+    model = PlainBackboneHead(AttentionPoolHead()).eval()
+    images = torch.rand(2, 1, 16, 16)
+    expected = grad_cam(model, images, "backbone")
+    with torch.inference_mode():
+        got = grad_cam(model, images, "backbone")
+    torch.testing.assert_close(got, expected)
+
+
 def test_target_layer_may_be_a_module_object() -> None:
     torch.manual_seed(6)
     model: Any = create_classifier("tiny_cnn").eval()
