@@ -678,7 +678,10 @@ def format_summary(res: TrainResult) -> str:
     """The final table: per-task AUROC of the best epoch, the mean, and wall time."""
     best = res.best_metrics
     per_task = task_aurocs([best[f"auroc/{name}"] for name in OBSERVATIONS])
-    width = max(len(t) for t in per_task)
+    # Tasks whose valid split lacks positives or negatives have no AUROC and are left out of the mean: say how many.
+    n_tasks = sum(1 for v in per_task.values() if np.isfinite(v))
+    mean_label = f"mean ({n_tasks} tasks with both classes)"
+    width = max(len(mean_label), *(len(t) for t in per_task))
     lines = [
         "",
         f"Classifier: best epoch {res.best_epoch + 1} of {len(res.history)} "
@@ -687,7 +690,7 @@ def format_summary(res: TrainResult) -> str:
     ]
     lines += [f"  {task:<{width}}  {value:.4f}" for task, value in per_task.items()]
     lines += [
-        f"  {'mean (10 tasks)':<{width}}  {best['mean_task_auroc']:.4f}",
+        f"  {mean_label:<{width}}  {best['mean_task_auroc']:.4f}",
         f"  {'mean (14 observations)':<{width}}  {best['mean_auroc']:.4f}",
         f"Wall time {res.wall_time_s:.1f} s (this invocation; started at epoch {res.start_epoch + 1}).",
         f"Checkpoint {res.out}; metrics {res.files.get('metrics_json', '')}; Ray run {res.storage_path}/{res.run_name}",
