@@ -365,7 +365,8 @@ def manifest_from_csv(csv_path: str, root: str | None = None, split: str | None 
         out,
         lambda v, a, b: f"{csv_path}, lines {a + 2} and {b + 2}: duplicate image id {v!r} (each radiograph once)",
     )
-    return out
+    # The root the paths were resolved against travels with the table, so write_manifest records the real one.
+    return out.replace_schema_metadata({METADATA_KEY: json.dumps({"root": base}).encode()})
 
 
 # ---------------------------------------------------------------------------------------------------- listing
@@ -479,7 +480,8 @@ def write_manifest(table: pa.Table, out: str, provenance: dict[str, Any] | None 
     """
     if table.schema.remove_metadata() != manifest_schema():
         raise ManifestError(f"{out}: refusing to write a table whose schema is not the manifest schema")
-    meta = dict(provenance or {})
+    meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    meta.update({k: v for k, v in (provenance or {}).items() if v is not None or k not in meta})
     meta.setdefault("created_by", f"chexseg_dist {__version__}")
     meta.setdefault("created_at", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     meta["rows"] = table.num_rows

@@ -6,22 +6,15 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-# The working directory of `ray job submit --working-dir .` is the repo root, but the script's own directory
-# (jobs/) is what Python puts on sys.path: add the root so chexseg_dist imports without an install.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:
+    import chexseg_dist  # noqa: F401
+except ImportError:  # Run from a Ray job working dir without the package installed: use the repo copy.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from chexseg_dist.commands import train_classifier
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="jobs/train_classifier.py", description=train_classifier.__doc__)
-    train_classifier.add_arguments(parser)
-    return train_classifier.run(parser.parse_args())
-
+from chexseg_dist.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train-classifier", *sys.argv[1:]]))

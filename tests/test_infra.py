@@ -43,3 +43,11 @@ def test_rayjob_keeps_token_authentication_on() -> None:
         text = p.read_text()
         if "kind: Ray" in text:
             assert "RAY_AUTH_MODE" in text, f"{p} must keep Ray token authentication on"
+
+
+def test_rayjob_submitter_carries_the_token() -> None:
+    for p in (ROOT / "infra").rglob("*.yaml"):
+        for doc in yaml.safe_load_all(p.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "RayJob":
+                env = doc["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]
+                assert {e["name"] for e in env} >= {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, p

@@ -347,3 +347,21 @@ def test_prefix_listing_on_s3_with_check_files(s3_bucket: str, tmp_path: Path) -
         f"{s3_bucket}/cxr/train/patient00002/study3/view1_frontal.jpg",
     ]
     assert table.column("image_id").to_pylist()[1] == "patient00002_study3_view1_frontal"
+
+
+def test_provenance_records_the_root_the_paths_were_resolved_against(tmp_path: Path) -> None:
+    import json
+
+    import pyarrow.parquet as pq
+
+    from chexseg_dist.cli import main
+    from chexseg_dist.manifest import METADATA_KEY
+
+    csv_path = _write_csv(tmp_path / "train.csv", ROWS[:1])
+    (tmp_path / PREFIX / "train").mkdir(parents=True)
+    out = tmp_path / "m.parquet"
+    assert main(["manifest", "--csv", csv_path, "--out", str(out)]) == 0
+    meta = json.loads(pq.read_schema(out).metadata[METADATA_KEY])
+    assert meta["root"] == str(tmp_path / PREFIX)
+    assert meta["kind"] == "csv" and meta["rows"] == 1
+    assert pq.read_table(out).column("path")[0].as_py().startswith(meta["root"] + "/train/")

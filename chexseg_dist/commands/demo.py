@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             thresholds,
             "--out",
             f"{out}/overlays",
+            *cfg_args,
         ],
     )
     print(

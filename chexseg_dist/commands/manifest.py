@@ -58,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
         check_files,
         manifest_from_csv,
         manifest_from_listing,
-        resolve_root,
         write_manifest,
     )
 
@@ -70,10 +69,9 @@ def run(args: argparse.Namespace) -> int:
     source = args.csv or args.dir or args.prefix
     if not fsio.is_uri(source):
         source = os.path.abspath(source)
-    root = None
+    root = None  # manifest_from_csv records the root it resolved in the table's metadata
     if args.csv is not None:
         kind = "csv"
-        root = resolve_root(source, args.root)
         table = manifest_from_csv(source, root=args.root, split=args.split)
     else:
         kind = "listing"
