@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def prepare(work: Path, n_max: int, sizes: list[int]) -> dict[str, Any]:
+def prepare(work: Path, n_max: int, sizes: list[int], arch: str = "tiny_cnn", arch_size: int = 128) -> dict[str, Any]:
     """Phantom radiographs (cached), one manifest per size (first N frontal rows), random-weight checkpoints."""
     import torch
 
@@ -72,6 +72,13 @@ def prepare(work: Path, n_max: int, sizes: list[int]) -> dict[str, Any]:
             model = create_classifier("tiny_cnn", widths=widths)
             save_checkpoint(str(path), model, arch="tiny_cnn", image_size=size, config={})
         ckpts[name] = str(path)
+    if arch != "tiny_cnn" or arch_size != 128:
+        # The model under test (--arch/--size, e.g. the paper's densenet121 at 320 px) replaces the tiny one.
+        path = work / f"ckpt_{arch}_{arch_size}"
+        if not (path / "checkpoint.json").exists():
+            torch.manual_seed(0)
+            save_checkpoint(str(path), create_classifier(arch), arch=arch, image_size=arch_size, config={})
+        ckpts["tiny"] = str(path)
     return {"manifests": manifests, "checkpoints": ckpts}
 
 
@@ -226,13 +233,15 @@ def main() -> None:
         "--set", action="append", default=[], help="pipeline config override for both (e.g. pseudolabel.batch_size=16)"
     )
     parser.add_argument("--no-paper", action="store_true", help="skip the paper-geometry bytes measurement")
+    parser.add_argument("--arch", default="tiny_cnn", help="classifier under test (random weights), e.g. densenet121")
+    parser.add_argument("--size", type=int, default=128, help="its input frame size S, e.g. 320")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
 
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    prep = prepare(work, max(sizes), sizes)
+    prep = prepare(work, max(sizes), sizes, args.arch, args.size)
     common = ["--set", "pseudolabel.progress_interval_s=1000"]
     for item in args.set:
         common += ["--set", item]
