@@ -164,6 +164,9 @@ class PseudolabelConfig:
     gpus_per_actor: float = 0.0
     """GPUs per classifier actor; 0 runs on CPU."""
     cpus_per_actor: float = 1.0
+    torch_threads: int = 0
+    """Intra-op torch threads per CPU classifier actor; 0 = max(1, int(cpus_per_actor)). More threads than CPUs
+    requested lets the model use cores that decode tasks leave idle (small machines)."""
     decode_cpus: float = 1.0
     """CPUs per read/decode/letterbox task (kept apart from the model actors)."""
     images_per_decode_task: int = 64
@@ -201,6 +204,7 @@ class PseudolabelConfig:
         ):
             _check_positive("pseudolabel", name, getattr(self, name))
         _check_positive("pseudolabel", "gpus_per_actor", self.gpus_per_actor, allow_zero=True)
+        _check_positive("pseudolabel", "torch_threads", self.torch_threads, allow_zero=True)
 
 
 @dataclass
@@ -294,6 +298,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # tiny_cnn at 128 px trains at ~150 images/s on one core: 15 epochs of 3000 phantoms take ~6 min and reach a
         # mean task AUROC of ~0.9 on valid (measured; see chexseg_dist/training.py).
         "train_classifier": {"epochs": 15, "batch_size": 32, "lr": 2e-3},
+        # On 2 cores the one classifier actor holds 1 CPU and the decode tasks the other, which sit mostly idle:
+        # two torch threads raised DenseNet121 pseudo-labelling from 0.53x to 0.75x of a single-process loop.
+        "pseudolabel": {"torch_threads": 2},
     },
     # The paper: DenseNet121 at 320 px (Adam 1e-4, batch 16, 3 epochs); DeepLabV3+ ResNet-18 student, w = 0.9.
     "paper": {

@@ -687,7 +687,7 @@ def build_dataset(
             "checkpoints": list(checkpoints),
             "grid_shape": tuple(grid_shape),
             "use_gpu": pl.gpus_per_actor > 0,
-            "threads": max(1, int(pl.cpus_per_actor)),
+            "threads": pl.torch_threads or max(1, int(pl.cpus_per_actor)),
         },
         compute=ray.data.ActorPoolStrategy(size=pl.num_actors),
         batch_size=pl.batch_size,

@@ -89,3 +89,10 @@ def test_cli_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in ("synth", "manifest", "train-classifier", "pseudolabel", "evaluate", "demo"):
         assert name in out
+
+
+def test_torch_threads_default_follows_the_cpu_request_and_tiny_uses_both_cores() -> None:
+    assert load_config("paper").pseudolabel.torch_threads == 0  # 0 = int(cpus_per_actor) threads per actor
+    assert load_config("tiny").pseudolabel.torch_threads == 2
+    with pytest.raises(ValueError, match="torch_threads"):
+        load_config("tiny", None, ["pseudolabel.torch_threads=-1"])
