@@ -41,14 +41,9 @@ def basename(path: str) -> str:
     return posixpath.basename(path.rstrip("/")) if is_uri(path) else os.path.basename(path.rstrip(os.sep))
 
 
-def storage_options(path: str) -> dict[str, Any]:
-    """fsspec storage options for ``path`` (empty: s3fs/botocore read the standard AWS environment)."""
-    return {}
-
-
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``path`` and the path within it."""
-    fs, inner = url_to_fs(path, **storage_options(path))
+    fs, inner = url_to_fs(path)  # s3fs/botocore read the standard AWS environment
     return fs, inner
 
 
@@ -56,7 +51,7 @@ def open_file(path: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
     """Open a local path or URI; parent directories are created when writing locally."""
     if ("w" in mode or "a" in mode) and not is_uri(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    return fsspec.open(path, mode, **storage_options(path), **kwargs).open()  # type: ignore[no-any-return]
+    return fsspec.open(path, mode, **kwargs).open()  # type: ignore[no-any-return]
 
 
 def read_bytes(path: str) -> bytes:
