@@ -28,8 +28,6 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import DenseNet, ResNet
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from chexseg_dist.pathologies import OBSERVATIONS
 from chexseg_dist.saliency import LinearHead, TensorFn
@@ -127,81 +125,30 @@ class SplitClassifier:
         return self.describe_head() if name in self.feature_layers else None
 
 
-def _gap_linear(act: Tensor, linear: nn.Linear, relu: bool) -> Tensor:
+def gap_linear(act: Tensor, linear: nn.Linear, relu: bool) -> Tensor:
     # Not in place: the target activation must stay what hooks on the feature layer saw.
     x = F.relu(act) if relu else act
     return linear(x.mean(dim=(2, 3)))
 
 
-class DenseNetClassifier(SplitClassifier, DenseNet):
-    """torchvision DenseNet (same module names and state-dict keys) behind a :class:`Normalize` front.
+class FeaturesReluHead(SplitClassifier):
+    """A :class:`SplitClassifier` whose backbone is ``self.features`` and whose head is ReLU -> GAP ->
+    ``self.classifier`` (DenseNet, tiny_cnn)."""
 
-    torchvision's ``DenseNet.forward`` applies ``F.relu(features, inplace=True)`` to the output of ``features``,
-    so a forward hook there would see its tensor rectified after the fact and Grad-CAM would use the wrong ``A``.
-    Here the head's ReLU is out of place: the activation at ``features`` (after ``norm5``) stays intact.
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        growth_rate: int,
-        block_config: tuple[int, int, int, int],
-        num_init_features: int,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        DenseNet.__init__(
-            self,
-            growth_rate=growth_rate,
-            block_config=block_config,
-            num_init_features=num_init_features,
-            num_classes=num_classes,
-        )
-        self.normalize = Normalize(mean, std, out_channels=3)
-        self.num_classes = num_classes
-        self.feature_layers = ("features", "features.norm5")
+    features: nn.Module
+    classifier: nn.Linear
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.features(self.normalize(x))  # type: ignore[no-any-return]
 
     def forward_head(self, act: Tensor) -> Tensor:
-        return _gap_linear(act, self.classifier, relu=True)
+        return gap_linear(act, self.classifier, relu=True)
 
     def describe_head(self) -> LinearHead:
         return LinearHead(self.classifier, relu=True)
 
 
-class ResNetClassifier(SplitClassifier, ResNet):
-    """torchvision ResNet (same module names and state-dict keys) behind a :class:`Normalize` front.
-
-    ``layer4`` ends in a ReLU, so the head is GAP -> linear without a ReLU of its own.
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        block: type[BasicBlock | Bottleneck],
-        layers: list[int],
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        ResNet.__init__(self, block, layers, num_classes=num_classes)
-        self.normalize = Normalize(mean, std, out_channels=3)
-        self.num_classes = num_classes
-        self.feature_layers = ("layer4",)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # type: ignore[no-any-return]
-
-    def forward_head(self, act: Tensor) -> Tensor:
-        return _gap_linear(act, self.fc, relu=False)
-
-    def describe_head(self) -> LinearHead:
-        return LinearHead(self.fc, relu=False)
-
-
-class TinyCNN(SplitClassifier, nn.Module):
+class TinyCNN(FeaturesReluHead, nn.Module):
     """A small, fast CNN for CPU tests and demos.
 
     ``len(widths)`` stages, each ``conv3x3/2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU`` (the last stage stops before
@@ -241,15 +188,6 @@ class TinyCNN(SplitClassifier, nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
         self.num_classes = num_classes
         self.feature_layers = ("features", f"features.stage{len(widths)}")
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.features(self.normalize(x))  # type: ignore[no-any-return]
-
-    def forward_head(self, act: Tensor) -> Tensor:
-        return _gap_linear(act, self.classifier, relu=True)
-
-    def describe_head(self) -> LinearHead:
-        return LinearHead(self.classifier, relu=True)
 
 
 # ---------------------------------------------------------------------------------------------------- registry
@@ -345,18 +283,24 @@ def default_target_layer(arch: str) -> str:
 @register_arch(target_layer="features")
 def densenet121(num_classes: int = len(OBSERVATIONS), **kw: Any) -> nn.Module:
     """DenseNet121 (growth 32, blocks 6-12-24-16); the paper's classifier. Grid ``S / 32`` (10 x 10 at 320 px)."""
+    from chexseg_dist.backbones import DenseNetClassifier
+
     return DenseNetClassifier(num_classes, growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, **kw)
 
 
 @register_arch(target_layer="layer4")
 def resnet18(num_classes: int = len(OBSERVATIONS), **kw: Any) -> nn.Module:
     """ResNet-18. Grid ``S / 32``."""
+    from chexseg_dist.backbones import BasicBlock, ResNetClassifier
+
     return ResNetClassifier(num_classes, BasicBlock, [2, 2, 2, 2], **kw)
 
 
 @register_arch(target_layer="layer4")
 def resnet50(num_classes: int = len(OBSERVATIONS), **kw: Any) -> nn.Module:
     """ResNet-50. Grid ``S / 32``."""
+    from chexseg_dist.backbones import Bottleneck, ResNetClassifier
+
     return ResNetClassifier(num_classes, Bottleneck, [3, 4, 6, 3], **kw)
 
 
