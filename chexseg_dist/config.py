@@ -169,8 +169,9 @@ class PseudolabelConfig:
     requested lets the model use cores that decode tasks leave idle (small machines)."""
     decode_cpus: float = 1.0
     """CPUs per read/decode/letterbox task (kept apart from the model actors)."""
-    images_per_decode_task: int = 64
-    """Images per read/decode task: enough to amortise Ray's per-task overhead (~10 ms), few enough to stream."""
+    images_per_decode_task: int = 256
+    """Images per read/decode task: enough to amortise Ray's per-task overhead (tens of ms on a busy node), few
+    enough to stream (256 frames of 320 px are a 26 MB block)."""
     images_per_chunk: int = 256
     """Images per Zarr chunk along the image axis, and rows per staged fragment; only the committer writes chunks."""
     frontal_only: bool = True
@@ -300,7 +301,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_classifier": {"epochs": 15, "batch_size": 32, "lr": 2e-3},
         # On 2 cores the one classifier actor holds 1 CPU and the decode tasks the other, which sit mostly idle:
         # two torch threads raised DenseNet121 pseudo-labelling from 0.53x to 0.75x of a single-process loop.
-        "pseudolabel": {"torch_threads": 2},
+        # Batches of 64 amortise Ray Data's per-batch conversions, which dominate for tiny_cnn (0.85x -> 0.98-1.17x
+        # of the loop at 30,000 images; docs/benchmarks.md). DenseNet121 on a CPU is faster at 16.
+        "pseudolabel": {"torch_threads": 2, "batch_size": 64},
     },
     # The paper: DenseNet121 at 320 px (Adam 1e-4, batch 16, 3 epochs); DeepLabV3+ ResNet-18 student, w = 0.9.
     "paper": {

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -271,6 +272,8 @@ class ClassifierPredictor:
         from chexseg_dist.checkpoint import load_classifier
 
         torch.set_num_threads(max(1, threads))
+        if use_gpu:
+            torch.backends.cudnn.benchmark = True  # fixed frame size: let cuDNN pick the fastest kernels once
         self.device = "cuda" if use_gpu else "cpu"
         self.loaded = load_classifier(list(checkpoints), self.device)
         self.grid_shape = tuple(grid_shape)
@@ -536,6 +539,9 @@ class PseudolabelSummary:
         model_started: whether the classifier actors were started.
         operators: executed Ray Data operators (from ``Dataset.stats()``), empty when nothing ran.
         run_id: this run's id.
+        busy_s: seconds each operator's tasks or actors spent working, summed over them (from
+            ``Dataset.stats()``; empty when nothing ran). See :meth:`stage_line`.
+        num_actors: the classifier actor pool's size.
     """
 
     store: str
@@ -550,6 +556,8 @@ class PseudolabelSummary:
     model_started: bool
     operators: list[str]
     run_id: str
+    busy_s: dict[str, float] = field(default_factory=dict)
+    num_actors: int = 1
 
     @property
     def exit_code(self) -> int:
@@ -564,8 +572,51 @@ class PseudolabelSummary:
             f"{extra}, {self.images_per_s:.1f} images/s; store {self.store}"
         )
 
+    def actor_utilisation(self) -> float | None:
+        """Share of the run the classifier actors spent on batches (start-up counts as idle); None if unknown.
+
+        Near 1: the model stage is the bottleneck (add actors or GPUs). Well below 1 on a long run: the actors waited
+        for decoded frames (add decode CPUs) or for their own start-up (short runs).
+        """
+        busy = next((v for k, v in self.busy_s.items() if "ClassifierPredictor" in k), None)
+        if busy is None or self.seconds <= 0:
+            return None
+        return busy / (self.seconds * max(1, self.num_actors))
+
+    def stage_line(self) -> str:
+        """Where the time went, e.g. ``decode_frames 1.9 s, ClassifierPredictor 5.0 s (actors busy 43% of the run)``."""
+        parts = []
+        for op, busy in self.busy_s.items():
+            if op.startswith("FromArrow"):  # handing the manifest slice to Ray: no work
+                continue
+            name = op.removeprefix("MapBatches(").removesuffix(")")
+            parts.append(f"{name} {busy:.1f} s" if busy >= 1 else f"{name} {busy:.2f} s")
+        util = self.actor_utilisation()
+        tail = "" if util is None else f"; classifier actors busy {100 * util:.0f}% of the {self.seconds:.1f} s run"
+        return f"pseudolabel: busy time per stage (summed over tasks): {', '.join(parts)}{tail}"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_TOTAL = re.compile(r"([0-9.]+)(us|ms|s) total")
+_UNIT_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def operator_busy_seconds(stats: str) -> dict[str, float]:
+    """Each operator's summed remote wall time (``* Remote wall time: ... X total``) from ``Dataset.stats()`` text."""
+    busy: dict[str, float] = {}
+    current = None
+    for line in stats.splitlines():
+        line = line.strip()
+        names = pipeline_operators(line)
+        if names:
+            current = names[0]
+        elif current is not None and line.startswith("* Remote wall time:"):
+            match = _TOTAL.search(line)
+            if match:
+                busy[current] = float(match.group(1)) * _UNIT_S[match.group(2)]
+    return busy
 
 
 def pipeline_operators(stats: str) -> list[str]:
@@ -773,6 +824,7 @@ def run_pseudolabel(
             model_started=False,
             operators=[],
             run_id=run_id,
+            num_actors=pl.num_actors,
         )
         if not todo_mask.any():
             return summary
@@ -795,6 +847,11 @@ def run_pseudolabel(
         started_ray = _ensure_ray()
         start = time.time()  # images/s covers the pipeline (actor start-up included), not starting Ray itself
         try:
+            problem = resource_problem(cfg, _cluster_resources())
+            if problem and started_ray:
+                raise ValueError(problem)  # A local Ray never grows: the job would wait forever.
+            if problem:
+                printer(f"pseudolabel: warning: {problem} (it will wait for the cluster to grow)")
             ds = build_dataset(todo, cfg, ckpts, image_size, ms.grid_shape)
             committer.start()
             try:
@@ -805,7 +862,9 @@ def run_pseudolabel(
             if committer.error is not None:
                 raise committer.error
             try:
-                summary.operators = pipeline_operators(ds.stats())
+                stats = ds.stats()
+                summary.operators = pipeline_operators(stats)
+                summary.busy_s = operator_busy_seconds(stats)
             except Exception:  # Stats are diagnostics; never fail a finished job over them.
                 summary.operators = []
         finally:
@@ -818,9 +877,40 @@ def run_pseudolabel(
         summary.processed = int((done1 & ~done0).sum())
         summary.failed = int((failed1 & todo_mask).sum())
         summary.images_per_s = (summary.processed + summary.failed) / max(summary.seconds, 1e-9)
+        if summary.busy_s:
+            printer(summary.stage_line())
         return summary
     finally:
         lock.release()
+
+
+def resource_problem(cfg: Config, resources: dict[str, float]) -> str | None:
+    """Why the pipeline cannot run on a cluster with these resources (``ray.cluster_resources()``), or None.
+
+    The classifier actors hold their CPUs and GPUs for the whole job, so at least ``decode_cpus`` must be left over
+    for the decode tasks, and the GPUs must cover every actor; otherwise Ray Data waits forever.
+    """
+    pl = cfg.pseudolabel
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    actor_cpus, actor_gpus = pl.num_actors * pl.cpus_per_actor, pl.num_actors * pl.gpus_per_actor
+    if actor_gpus > gpus + 1e-9:
+        return (
+            f"pseudolabel.num_actors={pl.num_actors} x gpus_per_actor={pl.gpus_per_actor} need {actor_gpus:g} GPU(s) "
+            f"but the Ray cluster has {gpus:g}; lower them, or set gpus_per_actor=0 to run on CPUs"
+        )
+    if cpus - actor_cpus < pl.decode_cpus - 1e-9:
+        return (
+            f"pseudolabel.num_actors={pl.num_actors} x cpus_per_actor={pl.cpus_per_actor} hold {actor_cpus:g} of the "
+            f"Ray cluster's {cpus:g} CPUs, leaving less than decode_cpus={pl.decode_cpus} for decoding; lower "
+            "num_actors or cpus_per_actor"
+        )
+    return None
+
+
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
 def _ensure_ray() -> bool:

@@ -27,7 +27,7 @@ from chexseg_dist.images import frame_from_bytes
 from chexseg_dist.manifest import manifest_from_listing, read_manifest, write_manifest
 from chexseg_dist.models import create_classifier
 from chexseg_dist.pathologies import TASK_OBSERVATION_INDEX, TASKS
-from chexseg_dist.pseudolabel import FragmentSink, run_pseudolabel
+from chexseg_dist.pseudolabel import FragmentSink, resource_problem, run_pseudolabel
 from chexseg_dist.staging import StoreLock, StoreLockedError, list_fragments, read_failures
 from chexseg_dist.store import MapStore, StoreError, sidecar_path
 
@@ -107,6 +107,19 @@ def assert_stores_equal(a: str, b: str) -> None:
     np.testing.assert_array_equal(ba.orig_size, bb.orig_size)
 
 
+def test_a_pool_that_leaves_no_cpu_for_decoding_or_lacks_gpus_is_named_before_it_can_hang() -> None:
+    # What Ray Data would otherwise wait on forever: actors holding every CPU, or asking for GPUs the cluster lacks.
+    fits = load_config("tiny", None, ["pseudolabel.num_actors=1"])
+    assert resource_problem(fits, {"CPU": 2.0}) is None
+    too_many = load_config("tiny", None, ["pseudolabel.num_actors=2"])
+    msg = resource_problem(too_many, {"CPU": 2.0})
+    assert msg is not None and "num_actors=2" in msg and "decode_cpus" in msg
+    gpu = load_config("paper", None, ["pseudolabel.gpus_per_actor=1", "pseudolabel.num_actors=2"])
+    msg = resource_problem(gpu, {"CPU": 16.0, "GPU": 1.0})
+    assert msg is not None and "need 2 GPU(s)" in msg and "has 1" in msg
+    assert resource_problem(gpu, {"CPU": 16.0, "GPU": 2.0}) is None
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     base = tmp_path_factory.mktemp("corpus")
@@ -131,6 +144,12 @@ def test_store_matches_the_model_and_decode_is_not_fused(ray_cluster: None, corp
     assert "MapBatches(decode_frames)" in summary.operators
     assert "MapBatches(ClassifierPredictor)" in summary.operators
     assert not any("->" in op for op in summary.operators), summary.operators
+    # The bottleneck report: both stages did measurable work, and the actors' share of the run is a fraction.
+    assert summary.busy_s["MapBatches(decode_frames)"] > 0
+    assert summary.busy_s["MapBatches(ClassifierPredictor)"] > 0
+    util = summary.actor_utilisation()
+    assert util is not None and 0 < util <= 1
+    assert "decode_frames" in summary.stage_line() and "classifier actors busy" in summary.stage_line()
 
     ms = MapStore.open(store)
     assert ms.done().all() and ms.grid_shape == (8, 8)
