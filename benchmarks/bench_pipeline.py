@@ -42,8 +42,24 @@ if str(REPO) not in sys.path:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def prepare(work: Path, n_max: int, sizes: list[int], arch: str = "tiny_cnn", arch_size: int = 128) -> dict[str, Any]:
-    """Phantom radiographs (cached), one manifest per size (first N frontal rows), random-weight checkpoints."""
+def prepare(
+    work: Path,
+    n_max: int,
+    sizes: list[int],
+    arch: str = "tiny_cnn",
+    arch_size: int = 128,
+    phantom_size: int = 256,
+    repeat: int = 1,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """Phantom radiographs (cached), one manifest per size (first N frontal rows), random-weight checkpoints.
+
+    With ``repeat`` > 1, ``ceil(n_max / repeat)`` radiographs are generated and the manifest lists each of them
+    ``repeat`` times under distinct image ids (``<id>~r<k>``): long runs without generating every image. Every
+    listed image is still read and decoded; the files are in the page cache for the loop and Ray alike.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import torch
 
     from chexseg_dist.checkpoint import save_checkpoint
@@ -52,15 +68,28 @@ def prepare(work: Path, n_max: int, sizes: list[int], arch: str = "tiny_cnn", ar
     from chexseg_dist.models import create_classifier
     from chexseg_dist.phantom import generate
 
-    data = work / "phantom"
+    n_unique = -(-n_max // repeat)
+    data = work / f"phantom_{phantom_size}px_{n_unique}"
     if not (data / "train.csv").exists():
         t0 = time.time()
-        generate(str(data), SynthConfig(n_train=n_max, n_valid=0, n_test=0, size=256, lateral_fraction=0.0, workers=2))
-        print(f"generated {n_max} phantom radiographs in {time.time() - t0:.0f} s", flush=True)
+        synth = SynthConfig(
+            n_train=n_unique, n_valid=0, n_test=0, size=phantom_size, lateral_fraction=0.0, workers=workers
+        )
+        generate(str(data), synth)
+        print(f"generated {n_unique} phantom radiographs ({phantom_size} px) in {time.time() - t0:.0f} s", flush=True)
     full = manifest_from_csv(str(data / "train.csv"), root=str(data / "CheXpert-v1.0-small"))
+    if repeat > 1:
+        copies = []
+        for k in range(repeat):
+            ids = pa.array([f"{i}~r{k}" for i in full.column("image_id").to_pylist()])
+            rows = pc.add(full.column("row"), k * (full.num_rows + 1))
+            copy = full.set_column(full.column_names.index("image_id"), "image_id", ids)
+            copy = copy.set_column(copy.column_names.index("row"), "row", rows)
+            copies.append(copy.cast(full.schema))
+        full = pa.concat_tables(copies)
     manifests = {}
     for n in sizes:
-        path = work / f"manifest_{n}.parquet"
+        path = work / f"manifest_{phantom_size}px_{n_unique}x{repeat}_{n}.parquet"
         if not path.exists():
             write_manifest(full.slice(0, n), str(path))
         manifests[n] = str(path)
@@ -102,9 +131,9 @@ def worker_ray(args: argparse.Namespace) -> dict[str, Any]:
     from chexseg_dist.pseudolabel import run_pseudolabel
 
     t0 = time.time()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=False, log_to_driver=False)
     t_init = time.time() - t0
-    cfg = load_config("tiny", None, args.set)
+    cfg = load_config(args.preset, None, args.set)
     t1 = time.time()
     summary = run_pseudolabel(cfg, args.manifest, args.checkpoint, args.store, overwrite=True, printer=lambda s: None)
     wall = time.time() - t1
@@ -116,6 +145,8 @@ def worker_ray(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": wall,
         "ray_init_s": t_init,
         "operators": summary.operators,
+        "busy_s": summary.busy_s,
+        "actor_utilisation": summary.actor_utilisation(),
     }
 
 
@@ -132,9 +163,10 @@ def worker_loop(args: argparse.Namespace) -> dict[str, Any]:
     from chexseg_dist.store import EncodedRows, MapStore, encode_rows, split_by_chunk
 
     t1 = time.time()
-    cfg = load_config("tiny", None, args.set).pseudolabel
+    cfg = load_config(args.preset, None, args.set).pseudolabel
     torch.set_num_threads(args.cpus)
-    loaded = load_classifier(args.checkpoint)
+    torch.backends.cudnn.benchmark = True  # as the pipeline's GPU actors do
+    loaded = load_classifier(args.checkpoint, args.device)
     size = loaded.image_size
     images = select_images(read_manifest(args.manifest), True)
     store = MapStore.create(
@@ -152,8 +184,9 @@ def worker_loop(args: argparse.Namespace) -> dict[str, Any]:
     for start in range(0, len(paths), cfg.batch_size):
         chunk_paths = paths[start : start + cfg.batch_size]
         decoded = [frame_from_bytes(fsio.read_bytes(p), size, p) for p in chunk_paths]
-        frames = torch.from_numpy(np.stack([f for f, _ in decoded]))[:, None].float() / 255.0
-        probs, cams = predict_with_cams(loaded, frames)
+        frames = torch.from_numpy(np.stack([f for f, _ in decoded]))[:, None].to(args.device)
+        probs, cams = predict_with_cams(loaded, frames.float() / 255.0)
+        probs, cams = probs.cpu(), cams.cpu()
         boxes = np.asarray([b.params() for _, b in decoded], dtype=np.int32)
         slots = np.arange(start, start + len(chunk_paths))
         pending.append(encode_rows(slots, probs.numpy(), cams.numpy(), boxes[:, :2], boxes))
@@ -235,14 +268,24 @@ def main() -> None:
     parser.add_argument("--no-paper", action="store_true", help="skip the paper-geometry bytes measurement")
     parser.add_argument("--arch", default="tiny_cnn", help="classifier under test (random weights), e.g. densenet121")
     parser.add_argument("--size", type=int, default=128, help="its input frame size S, e.g. 320")
+    parser.add_argument("--preset", default="tiny", help="config preset both run under (then --set)")
+    parser.add_argument("--phantom-size", type=int, default=256, help="typical side of the generated radiographs")
+    parser.add_argument("--repeat", type=int, default=1, help="list each generated radiograph this many times")
+    parser.add_argument("--gen-workers", type=int, default=2, help="processes generating the phantoms")
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs given to Ray (set pseudolabel.gpus_per_actor too)")
+    parser.add_argument("--device", default="cpu", help="the loop's model device (cpu or cuda)")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    parser.add_argument("--prepare-only", action="store_true", help="write the images, manifests, checkpoints; exit")
     args = parser.parse_args()
 
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    prep = prepare(work, max(sizes), sizes, args.arch, args.size)
-    common = ["--set", "pseudolabel.progress_interval_s=1000"]
+    prep = prepare(work, max(sizes), sizes, args.arch, args.size, args.phantom_size, args.repeat, args.gen_workers)
+    if args.prepare_only:
+        print(json.dumps(prep))
+        return
+    common = ["--preset", args.preset, "--set", "pseudolabel.progress_interval_s=1000"]
     for item in args.set:
         common += ["--set", item]
     variants = [("loop", int(t)) for t in args.loop_threads.split(",")] + [("ray", args.cpus)]
@@ -253,6 +296,7 @@ def main() -> None:
             store = str(work / f"store_{name}_{n}.zarr")
             argv = ["_worker", mode, "--manifest", prep["manifests"][n], "--checkpoint", prep["checkpoints"]["tiny"]]
             argv += ["--store", store, "--cpus", str(cpus), *common]
+            argv += ["--gpus", str(args.gpus)] if mode == "ray" else ["--device", args.device]
             load = os.getloadavg()[0]
             res = measure(argv)
             res.update(mode=name, n=n, bytes=store_bytes(store), load_before=load)
@@ -264,13 +308,13 @@ def main() -> None:
             )
     paper = None
     if not args.no_paper:
-        n = max(sizes)
+        n = min((s for s in sizes if s >= 3000), default=max(sizes))  # a few 1024-image chunks are enough
         store = str(work / "store_paper_grid.zarr")
         argv = ["_worker", "loop", "--manifest", prep["manifests"][n], "--cpus", "1"]
         argv += ["--checkpoint", prep["checkpoints"]["paper_grid"], "--store", store, *common]
         paper = measure([*argv, "--set", "pseudolabel.images_per_chunk=1024"])
         paper.update(mode="loop1", n=n, bytes=store_bytes(store), geometry="paper (320 px, 10x10, 1024/chunk)")
-    report(results, paper, sizes)
+    report(results, paper, sizes, f"{args.arch} at {args.size} px")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "paper_bytes": paper}, indent=2))
 
@@ -286,7 +330,7 @@ def _rate(r: dict[str, Any]) -> float:
     return float(r["images"] / r["stage_s"])
 
 
-def report(results: list[dict[str, Any]], paper: dict[str, Any] | None, sizes: list[int]) -> None:
+def report(results: list[dict[str, Any]], paper: dict[str, Any] | None, sizes: list[int], model: str) -> None:
     print("\n| mode | N | images/s (stage) | stage s | wall s | ray.init s | peak PSS MB | peak RSS MB | load |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -306,6 +350,21 @@ def report(results: list[dict[str, Any]], paper: dict[str, Any] | None, sizes: l
         )
     if len(sizes) >= 2:
         lo, hi = min(sizes), max(sizes)
+        # Steady state: the extra images of the larger run over its extra seconds; fixed costs (actor start-up,
+        # model load, first-batch latency) cancel out.
+        marginal = {}
+        for mode in sorted({r["mode"] for r in results}):
+            a = next(r for r in results if r["n"] == lo and r["mode"] == mode)
+            b = next(r for r in results if r["n"] == hi and r["mode"] == mode)
+            dt = b["stage_s"] - a["stage_s"]
+            marginal[mode] = (b["images"] - a["images"]) / dt if dt > 0 else float("nan")
+            fixed = a["stage_s"] - a["images"] / marginal[mode] if dt > 0 else float("nan")
+            print(f"{mode}: steady state {marginal[mode]:.1f} images/s; fixed cost {fixed:.1f} s")
+        best_loop = max((m for m in marginal if m.startswith("loop")), key=lambda m: marginal[m])
+        print(
+            f"steady state: Ray / best loop ({best_loop}) = {marginal['ray'] / marginal[best_loop]:.2f}x "
+            f"(from N={lo} and N={hi})"
+        )
         for mode in sorted({r["mode"] for r in results}):
             a = next(r for r in results if r["n"] == lo and r["mode"] == mode)
             b = next(r for r in results if r["n"] == hi and r["mode"] == mode)
@@ -315,7 +374,7 @@ def report(results: list[dict[str, Any]], paper: dict[str, Any] | None, sizes: l
                 f"{a['peak_rss_mb']:.0f} -> {b['peak_rss_mb']:.0f} MB ({b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x)"
             )
     print("\nstore bytes per image (on disk, compressed):")
-    rows = [(f"tiny (128 px, 8x8, {r['mode']}, N={r['n']})", _per_image(r["bytes"], r["n"])) for r in results]
+    rows = [(f"{model}, {r['mode']}, N={r['n']}", _per_image(r["bytes"], r["n"])) for r in results]
     if paper is not None:
         rows.append((f"{paper['geometry']}, N={paper['n']}", _per_image(paper["bytes"], paper["n"])))
     for name, b in rows:
@@ -332,6 +391,9 @@ def worker_main(argv: list[str]) -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--store", required=True)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--gpus", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args(argv)
     result = worker_ray(args) if args.mode == "ray" else worker_loop(args)
