@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import sys
 import threading
@@ -844,12 +845,13 @@ def run_pseudolabel(
         summary.model_started = True
         committer = Committer(ms, lock, run_id, len(slots), pl.commit_interval_s, pl.progress_interval_s, printer)
         sink = FragmentSink(store_uri, run_id, rows_per_write=pl.images_per_chunk, committer=committer)
+        fresh_local_ray = _will_start_local_ray()
         started_ray = _ensure_ray()
         start = time.time()  # images/s covers the pipeline (actor start-up included), not starting Ray itself
         try:
             problem = resource_problem(cfg, _cluster_resources())
-            if problem and started_ray:
-                raise ValueError(problem)  # A local Ray never grows: the job would wait forever.
+            if problem and fresh_local_ray:
+                raise ValueError(problem)  # A Ray started here never grows: the job would wait forever.
             if problem:
                 printer(f"pseudolabel: warning: {problem} (it will wait for the cluster to grow)")
             ds = build_dataset(todo, cfg, ckpts, image_size, ms.grid_shape)
@@ -911,6 +913,24 @@ def _cluster_resources() -> dict[str, float]:
     import ray
 
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def _will_start_local_ray() -> bool:
+    """Whether :func:`_ensure_ray` will start a new single-node Ray here (not attach to a cluster that may grow).
+
+    ``ray.init()`` attaches when Ray is already initialised, when ``RAY_ADDRESS`` is set (``ray job submit``), or
+    when a cluster was started on this machine with ``ray start``.
+    """
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return False
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
+    except Exception:  # A private helper: if it moves, assume a cluster that may grow (warn, never refuse).
+        return False
 
 
 def _ensure_ray() -> bool:

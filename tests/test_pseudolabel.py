@@ -409,6 +409,28 @@ def _kill_session_processes(marker: str) -> None:
             pass
 
 
+@pytest.mark.cluster
+def test_a_local_job_whose_actors_leave_no_cpu_for_decoding_stops_with_a_message_instead_of_hanging(
+    corpus: dict, tmp_path: Path
+) -> None:
+    ray_tmp = Path(f"/tmp/rn{os.getpid()}")  # short: Ray's socket paths must stay under 107 bytes
+    store = str(tmp_path / "maps.zarr")
+    cmd = [sys.executable, str(REPO / "jobs" / "pseudolabel.py"), "--manifest", corpus["manifest"]]
+    cmd += ["--checkpoint", corpus["checkpoint"], "--store", store, "--set", "pseudolabel.num_actors=10000"]
+    try:
+        first = subprocess.run(cmd, env=_job_env(ray_tmp), capture_output=True, text=True, timeout=240)
+        # Again: the first run released its store lock, so the same message comes back, not "locked".
+        second = subprocess.run(cmd, env=_job_env(ray_tmp), capture_output=True, text=True, timeout=240)
+    finally:
+        _kill_session_processes(str(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    for out in (first, second):
+        assert out.returncode == 2, out.stderr[-3000:]
+        message = out.stderr.strip().splitlines()[-1]
+        assert "num_actors=10000" in message and "decode_cpus" in message, message
+    assert not MapStore.open(store).done().any()
+
+
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_killed_job_resumes_to_the_same_store(ray_cluster: None, tmp_path: Path) -> None:
