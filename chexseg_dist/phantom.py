@@ -60,6 +60,8 @@ import json
 import math
 import multiprocessing
 from collections.abc import Generator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -1241,9 +1243,19 @@ def _run_jobs(jobs: list[_Job], workers: int) -> Generator[_Result, None, None]:
         for job in jobs:
             yield _render_job(job)
         return
-    # Spawn, not fork: callers may hold threads (Ray, torch) that fork would copy in a broken state.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(_render_job, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers))))
+    # Spawn, not fork: callers may hold threads (Ray, torch) that fork would copy in a broken state. An executor,
+    # not a multiprocessing.Pool: a worker that dies (or cannot start, e.g. when __main__ is read from stdin) breaks
+    # the executor with an error, where a Pool would replace it forever and hang.
+    chunksize = max(1, min(16, len(jobs) // (8 * workers)))
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            yield from pool.map(_render_job, jobs, chunksize=chunksize)
+    except BrokenProcessPool as exc:
+        raise RuntimeError(
+            f"phantom generator: a worker process died ({exc}); if the calling program is read from stdin or an "
+            "interactive session, run it from a file, or use synth.workers=1"
+        ) from exc
 
 
 def _write(out_dir: str, rel: str, data: bytes) -> None:

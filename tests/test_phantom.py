@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from chexseg_dist.config import SynthConfig, load_config
 from chexseg_dist.images import decode_image
 from chexseg_dist.pathologies import CSV_HEADER, OBSERVATIONS, TASKS, observation_for_task
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = {"n_train": 8, "n_valid": 6, "n_test": 4, "size": 128, "lateral_fraction": 0.3, "odd_mode_fraction": 0.1}
 CELLS = {"1.0", "0.0", "-1.0", ""}
 
@@ -58,6 +61,21 @@ def test_same_seed_gives_identical_bytes_whatever_the_workers(dataset: Path, tmp
     different = [name for name in a if a[name] != b[name]]
     assert different == []
     assert any(name.endswith(".jpg") for name in a) and "gt_segmentations_valid.json" in a
+
+
+def test_workers_that_cannot_start_give_an_error_not_a_hang(tmp_path: Path) -> None:
+    # A program read from stdin cannot be re-imported by spawned workers: they die at start-up. A
+    # multiprocessing.Pool would replace them forever; the generator must stop with a message instead.
+    script = (
+        "from chexseg_dist import phantom\n"
+        "from chexseg_dist.config import SynthConfig\n"
+        f"phantom.generate({str(tmp_path)!r}, SynthConfig(seed=7, workers=2, **{SMALL!r}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=180, cwd=str(REPO)
+    )
+    assert out.returncode != 0
+    assert "phantom generator: a worker process died" in out.stderr and "run it from a file" in out.stderr
 
 
 def test_different_seed_gives_different_data(dataset: Path, tmp_path: Path) -> None:
