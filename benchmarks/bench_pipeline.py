@@ -68,6 +68,8 @@ def prepare(
     from chexseg_dist.models import create_classifier
     from chexseg_dist.phantom import generate
 
+    if repeat < 1:
+        raise SystemExit(f"--repeat must be >= 1, got {repeat}")
     n_unique = -(-n_max // repeat)
     data = work / f"phantom_{phantom_size}px_{n_unique}"
     if not (data / "train.csv").exists():

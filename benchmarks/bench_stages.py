@@ -87,6 +87,8 @@ def bench_model(checkpoint: str, device: str, batches: list[int], seconds: float
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
     for b in batches:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (b, 1, size, size), dtype=np.uint8))
         if device.startswith("cuda"):
             frames = frames.pin_memory()

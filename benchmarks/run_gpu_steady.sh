@@ -2,7 +2,8 @@
 # Steady-state GPU throughput of the pseudo-labelling pipeline (docs/benchmarks.md): DenseNet121 at 320 px on one GPU,
 # 60,000 images (2,000 phantoms of ~390 px listed 30 times), for model batch 64 and 128 and for two actors sharing
 # the GPU. Each line: images/s over the whole stage (actor start-up included) and the classifier actors' busy share.
-# Usage: bash benchmarks/run_gpu_steady.sh [OUT_DIR] (PYTHON=python3 where the dependencies live outside .venv).
+# Usage: bash benchmarks/run_gpu_steady.sh [OUT_DIR] (PYTHON=python3 where the dependencies live outside .venv;
+# N and REPEAT size the run; GPUS=0 runs the same on CPUs, GPUS=1, the default, on one GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-outputs/bench_gpu}"

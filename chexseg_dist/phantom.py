@@ -1248,14 +1248,16 @@ def _run_jobs(jobs: list[_Job], workers: int) -> Generator[_Result, None, None]:
     # the executor with an error, where a Pool would replace it forever and hang.
     chunksize = max(1, min(16, len(jobs) // (8 * workers)))
     ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx)
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            yield from pool.map(_render_job, jobs, chunksize=chunksize)
+        yield from pool.map(_render_job, jobs, chunksize=chunksize)
     except BrokenProcessPool as exc:
         raise RuntimeError(
             f"phantom generator: a worker process died ({exc}); if the calling program is read from stdin or an "
             "interactive session, run it from a file, or use synth.workers=1"
         ) from exc
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # also when the caller stops early: no work left queued
 
 
 def _write(out_dir: str, rel: str, data: bytes) -> None:

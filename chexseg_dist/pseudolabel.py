@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import sys
 import threading
@@ -616,7 +615,7 @@ def operator_busy_seconds(stats: str) -> dict[str, float]:
         elif current is not None and line.startswith("* Remote wall time:"):
             match = _TOTAL.search(line)
             if match:
-                busy[current] = float(match.group(1)) * _UNIT_S[match.group(2)]
+                busy[current] = busy.get(current, 0.0) + float(match.group(1)) * _UNIT_S[match.group(2)]
     return busy
 
 
@@ -845,12 +844,12 @@ def run_pseudolabel(
         summary.model_started = True
         committer = Committer(ms, lock, run_id, len(slots), pl.commit_interval_s, pl.progress_interval_s, printer)
         sink = FragmentSink(store_uri, run_id, rows_per_write=pl.images_per_chunk, committer=committer)
-        fresh_local_ray = _will_start_local_ray()
+        can_grow = _ray_can_grow()
         started_ray = _ensure_ray()
         start = time.time()  # images/s covers the pipeline (actor start-up included), not starting Ray itself
         try:
             problem = resource_problem(cfg, _cluster_resources())
-            if problem and fresh_local_ray:
+            if problem and not can_grow:
                 raise ValueError(problem)  # A Ray started here never grows: the job would wait forever.
             if problem:
                 printer(f"pseudolabel: warning: {problem} (it will wait for the cluster to grow)")
@@ -861,6 +860,7 @@ def run_pseudolabel(
             finally:
                 committer.stop()
             committer.commit()  # Anything staged after on_write_complete (nothing, normally).
+            end = time.time()  # Stats and shutting Ray down are not pipeline time.
             if committer.error is not None:
                 raise committer.error
             try:
@@ -874,7 +874,7 @@ def run_pseudolabel(
                 import ray
 
                 ray.shutdown()
-        summary.seconds = time.time() - start
+        summary.seconds = end - start
         done1, failed1 = ms.done(), ms.failed()
         summary.processed = int((done1 & ~done0).sum())
         summary.failed = int((failed1 & todo_mask).sum())
@@ -915,22 +915,27 @@ def _cluster_resources() -> dict[str, float]:
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
-def _will_start_local_ray() -> bool:
-    """Whether :func:`_ensure_ray` will start a new single-node Ray here (not attach to a cluster that may grow).
+def _ray_can_grow() -> bool:
+    """Whether the Ray this job runs on (or will attach to with ``ray.init()``) is a cluster that may still grow.
 
-    ``ray.init()`` attaches when Ray is already initialised, when ``RAY_ADDRESS`` is set (``ray job submit``), or
-    when a cluster was started on this machine with ``ray start``.
+    False for a single-node Ray started by this process (``ray.init()`` with no cluster to attach to, or an earlier
+    ``ray.init(num_cpus=...)`` here): resources missing now will never come. True when ``ray.init()`` attaches to a
+    cluster (``RAY_ADDRESS``, e.g. under ``ray job submit``, or one started with ``ray start``), and whenever Ray's
+    private helpers used here change (then the job warns rather than refuses).
     """
     import ray
 
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        return False
     try:
+        if ray.is_initialized():
+            from ray._private import worker
+
+            node = worker._global_node
+            return not (node is not None and node.head)
         from ray._private.services import canonicalize_bootstrap_address
 
-        return canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
-    except Exception:  # A private helper: if it moves, assume a cluster that may grow (warn, never refuse).
-        return False
+        return canonicalize_bootstrap_address(None) is not None  # type: ignore[arg-type]
+    except Exception:
+        return True
 
 
 def _ensure_ray() -> bool:

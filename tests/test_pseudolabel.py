@@ -410,10 +410,23 @@ def _kill_session_processes(marker: str) -> None:
 
 
 @pytest.mark.cluster
+def test_an_impossible_pool_on_a_ray_started_in_this_process_is_refused(
+    ray_cluster: None, corpus: dict, tmp_path: Path
+) -> None:
+    from chexseg_dist.pseudolabel import _ray_can_grow
+
+    assert _ray_can_grow() is False  # the fixture's ray.init(num_cpus=2) is a single node started here
+    with pytest.raises(ValueError, match=r"num_actors=10000 .* decode_cpus"):
+        run_pseudolabel(
+            tiny_cfg("pseudolabel.num_actors=10000"), corpus["manifest"], corpus["checkpoint"], str(tmp_path / "m.zarr")
+        )
+
+
+@pytest.mark.cluster
 def test_a_local_job_whose_actors_leave_no_cpu_for_decoding_stops_with_a_message_instead_of_hanging(
     corpus: dict, tmp_path: Path
 ) -> None:
-    ray_tmp = Path(f"/tmp/rn{os.getpid()}")  # short: Ray's socket paths must stay under 107 bytes
+    ray_tmp = Path(f"/tmp/rn{os.getpid()}_")  # short: Ray's socket paths must stay under 107 bytes
     store = str(tmp_path / "maps.zarr")
     cmd = [sys.executable, str(REPO / "jobs" / "pseudolabel.py"), "--manifest", corpus["manifest"]]
     cmd += ["--checkpoint", corpus["checkpoint"], "--store", store, "--set", "pseudolabel.num_actors=10000"]
@@ -449,7 +462,7 @@ def test_killed_job_resumes_to_the_same_store(ray_cluster: None, tmp_path: Path)
     ]
     cfg_args = [a for s in sets for a in ("--set", s)]
     store = str(tmp_path / "resumed.zarr")
-    ray_tmp = Path(f"/tmp/rk{os.getpid()}")
+    ray_tmp = Path(f"/tmp/rk{os.getpid()}_")
     ray_tmp.mkdir(exist_ok=True)
     cmd = [sys.executable, str(REPO / "jobs" / "pseudolabel.py"), "--manifest", manifest, "--checkpoint", ckpt]
     proc = subprocess.Popen(
@@ -517,7 +530,7 @@ def test_ray_job_submit_with_token_auth(corpus: dict, tmp_path: Path) -> None:
 
     bin_dir = Path(sys.executable).parent
     ray_exe = shutil.which("ray", path=str(bin_dir)) or "ray"
-    temp = Path(f"/tmp/rj{os.getpid()}")
+    temp = Path(f"/tmp/rj{os.getpid()}_")
     temp.mkdir(exist_ok=True)
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
