@@ -103,8 +103,8 @@ class AttentionPoolHead(nn.Module):
         return self.fc(torch.tanh(pooled))  # type: ignore[no-any-return]
 
 
-class SplitBackboneHead(nn.Module):
-    """A backbone + head model that implements the SplitModel protocol."""
+class PlainBackboneHead(nn.Module):
+    """A backbone + head model without the SplitModel protocol: grad_cam must use its generic hook route."""
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
@@ -113,21 +113,13 @@ class SplitBackboneHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))  # type: ignore[no-any-return]
+
+
+class SplitBackboneHead(PlainBackboneHead):
+    """The same model implementing the SplitModel protocol."""
 
     def split_at_target(self, name: str) -> tuple[nn.Module, nn.Module] | None:
         return (self.backbone, self.head) if name == "backbone" else None
-
-
-class PlainBackboneHead(nn.Module):
-    """The same structure without the protocol: grad_cam must use its generic hook route."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = CountingBackbone()
-        self.head = head
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone(x))  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("wrapper", [SplitBackboneHead, PlainBackboneHead])
