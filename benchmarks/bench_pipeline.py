@@ -352,12 +352,17 @@ def report(results: list[dict[str, Any]], paper: dict[str, Any] | None, sizes: l
         )
     if len(sizes) >= 2:
         lo, hi = min(sizes), max(sizes)
+        pairs = {
+            mode: (
+                next(r for r in results if r["n"] == lo and r["mode"] == mode),
+                next(r for r in results if r["n"] == hi and r["mode"] == mode),
+            )
+            for mode in sorted({r["mode"] for r in results})
+        }
         # Steady state: the extra images of the larger run over its extra seconds; fixed costs (actor start-up,
         # model load, first-batch latency) cancel out.
         marginal = {}
-        for mode in sorted({r["mode"] for r in results}):
-            a = next(r for r in results if r["n"] == lo and r["mode"] == mode)
-            b = next(r for r in results if r["n"] == hi and r["mode"] == mode)
+        for mode, (a, b) in pairs.items():
             dt = b["stage_s"] - a["stage_s"]
             marginal[mode] = (b["images"] - a["images"]) / dt if dt > 0 else float("nan")
             fixed = a["stage_s"] - a["images"] / marginal[mode] if dt > 0 else float("nan")
@@ -367,9 +372,7 @@ def report(results: list[dict[str, Any]], paper: dict[str, Any] | None, sizes: l
             f"steady state: Ray / best loop ({best_loop}) = {marginal['ray'] / marginal[best_loop]:.2f}x "
             f"(from N={lo} and N={hi})"
         )
-        for mode in sorted({r["mode"] for r in results}):
-            a = next(r for r in results if r["n"] == lo and r["mode"] == mode)
-            b = next(r for r in results if r["n"] == hi and r["mode"] == mode)
+        for mode, (a, b) in pairs.items():
             print(
                 f"{mode}: peak PSS {a['peak_pss_mb']:.0f} MB at N={lo} -> {b['peak_pss_mb']:.0f} MB at N={hi} "
                 f"({b['peak_pss_mb'] / a['peak_pss_mb']:.2f}x for {hi / lo:.0f}x the images); peak RSS "

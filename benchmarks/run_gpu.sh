@@ -18,8 +18,11 @@ $py -c "import torch, ray, zarr; print('torch', torch.__version__, 'ray', ray.__
 $py benchmarks/bench_pipeline.py --work "$work" --arch densenet121 --size 320 --preset paper --phantom-size 390 \
     --sizes 2000,20000 --repeat 10 --gen-workers "$cpus" --cpus "$cpus" --gpus 1 --device cuda --loop-threads 1 \
     --set pseudolabel.gpus_per_actor=1 --no-paper --json "$out/pipeline.json"
-manifest="$work/manifest_390px_2000x10_20000.parquet"
-ckpt="$work/ckpt_densenet121_320"
+# The 20,000-image manifest and the checkpoint just used, as bench_pipeline.py names them (cached: no new work).
+prep=$($py benchmarks/bench_pipeline.py --prepare-only --work "$work" --arch densenet121 --size 320 \
+    --phantom-size 390 --sizes 2000,20000 --repeat 10 | tail -1)
+manifest=$($py -c "import json,sys; print(json.loads(sys.argv[1])['manifests']['20000'])" "$prep")
+ckpt=$($py -c "import json,sys; print(json.loads(sys.argv[1])['checkpoints']['tiny'])" "$prep")
 
 # 2. Two actors sharing the GPU (host work of one overlaps the other's GPU work).
 $py benchmarks/bench_pipeline.py _worker ray --manifest "$manifest" --checkpoint "$ckpt" --store "$work/store_2act.zarr" \

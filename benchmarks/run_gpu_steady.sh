@@ -3,7 +3,8 @@
 # 60,000 images (2,000 phantoms of ~390 px listed 30 times), for model batch 64 and 128 and for two actors sharing
 # the GPU. Each line: images/s over the whole stage (actor start-up included) and the classifier actors' busy share.
 # Usage: bash benchmarks/run_gpu_steady.sh [OUT_DIR] (PYTHON=python3 where the dependencies live outside .venv;
-# N and REPEAT size the run; GPUS=0 runs the same on CPUs, GPUS=1, the default, on one GPU).
+# N and REPEAT size the run; GPUS=0 runs the same on CPUs (the two-actor run then needs 3 or more), GPUS=1, the
+# default, on one GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-outputs/bench_gpu}"
@@ -14,10 +15,10 @@ mkdir -p "$work" "$out"
 echo "machine: $cpus cores; $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader); $(date -u +%FT%TZ)"
 n="${N:-60000}"
 repeat="${REPEAT:-30}"
-$py benchmarks/bench_pipeline.py --prepare-only --work "$work" --arch densenet121 --size 320 --phantom-size 390 \
-    --sizes "$n" --repeat "$repeat" --gen-workers "$cpus"
-manifest="$work/manifest_390px_$((  (n + repeat - 1) / repeat ))x${repeat}_${n}.parquet"
-ckpt="$work/ckpt_densenet121_320"
+prep=$($py benchmarks/bench_pipeline.py --prepare-only --work "$work" --arch densenet121 --size 320 \
+    --phantom-size 390 --sizes "$n" --repeat "$repeat" --gen-workers "$cpus" | tail -1)
+manifest=$($py -c "import json,sys; print(json.loads(sys.argv[1])['manifests'][sys.argv[2]])" "$prep" "$n")
+ckpt=$($py -c "import json,sys; print(json.loads(sys.argv[1])['checkpoints']['tiny'])" "$prep")
 run() {  # NAME, then --set overrides
     local name="$1"; shift
     $py benchmarks/bench_pipeline.py _worker ray --manifest "$manifest" --checkpoint "$ckpt" --store "$work/s_$name.zarr" \
