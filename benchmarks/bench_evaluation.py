@@ -22,12 +22,12 @@ import time
 
 import numpy as np
 
-from chexseg_dist.annotations import encode_mask, write_segmentations
-from chexseg_dist.cli import main
-from chexseg_dist.evaluation import evaluate_files
-from chexseg_dist.geometry import Letterbox
-from chexseg_dist.pathologies import OBSERVATIONS, TASKS
-from chexseg_dist.store import MapStore
+from chexseg_dist.cli.main import main
+from chexseg_dist.core.geometry import Letterbox
+from chexseg_dist.core.pathologies import OBSERVATIONS, TASKS
+from chexseg_dist.data.chexlocalize import encode_mask, write_segmentations
+from chexseg_dist.evaluation.run import evaluate_files
+from chexseg_dist.store.mapstore import MapStore
 
 SIZES = [(2320, 2828), (2544, 3056), (2048, 2500), (2828, 2320)]
 

@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from chexseg_dist.cli import main as chexseg
-from chexseg_dist.manifest import read_manifest
-from chexseg_dist.pathologies import CSV_HEADER, OBSERVATIONS
+from chexseg_dist.cli.main import main as chexseg
+from chexseg_dist.core.pathologies import CSV_HEADER, OBSERVATIONS
+from chexseg_dist.data.manifest import read_manifest
 
 
 def make_csv(path: str, rows: int, seed: int = 0) -> int:

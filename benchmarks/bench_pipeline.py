@@ -62,11 +62,12 @@ def prepare(
     import pyarrow.compute as pc
     import torch
 
-    from chexseg_dist.checkpoint import save_checkpoint
-    from chexseg_dist.config import SynthConfig
-    from chexseg_dist.manifest import manifest_from_csv, write_manifest
-    from chexseg_dist.models import create_classifier
-    from chexseg_dist.phantom import generate
+    from chexseg_dist.config.sections import SynthConfig
+    from chexseg_dist.data.manifest import write_manifest
+    from chexseg_dist.data.sources import manifest_from_csv
+    from chexseg_dist.models.checkpoint import save_checkpoint
+    from chexseg_dist.models.classifiers import create_classifier
+    from chexseg_dist.synth import generate
 
     if repeat < 1:
         raise SystemExit(f"--repeat must be >= 1, got {repeat}")
@@ -129,15 +130,15 @@ def store_bytes(store: str) -> dict[str, int]:
 def worker_ray(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from chexseg_dist.config import load_config
-    from chexseg_dist.pseudolabel import run_pseudolabel
+    from chexseg_dist.config.resolve import load_config
+    from chexseg_dist.pseudolabel.job import run_pseudolabel
 
     t0 = time.time()
     ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=False, log_to_driver=False)
     t_init = time.time() - t0
     cfg = load_config(args.preset, None, args.set)
     t1 = time.time()
-    summary = run_pseudolabel(cfg, args.manifest, args.checkpoint, args.store, overwrite=True, printer=lambda s: None)
+    summary = run_pseudolabel(cfg, args.manifest, args.checkpoint, args.store, overwrite=True)
     wall = time.time() - t1
     ray.shutdown()
     return {
@@ -156,13 +157,14 @@ def worker_loop(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from chexseg_dist import fsio
-    from chexseg_dist.checkpoint import load_classifier, predict_with_cams
-    from chexseg_dist.config import load_config
-    from chexseg_dist.images import frame_from_bytes
-    from chexseg_dist.manifest import read_manifest
-    from chexseg_dist.pseudolabel import probe_grid_shape, select_images
-    from chexseg_dist.store import EncodedRows, MapStore, encode_rows, split_by_chunk
+    from chexseg_dist.config.resolve import load_config
+    from chexseg_dist.core import fsio
+    from chexseg_dist.data.images import frame_from_bytes
+    from chexseg_dist.data.manifest import read_manifest
+    from chexseg_dist.pseudolabel.inputs import probe_grid_shape, select_images
+    from chexseg_dist.saliency.classifier import load_classifier, predict_with_cams
+    from chexseg_dist.store.codec import EncodedRows, encode_rows
+    from chexseg_dist.store.mapstore import MapStore, split_by_chunk
 
     t1 = time.time()
     cfg = load_config(args.preset, None, args.set).pseudolabel
@@ -170,7 +172,7 @@ def worker_loop(args: argparse.Namespace) -> dict[str, Any]:
     torch.backends.cudnn.benchmark = True  # as the pipeline's GPU actors do
     loaded = load_classifier(args.checkpoint, args.device)
     size = loaded.image_size
-    images = select_images(read_manifest(args.manifest), True)
+    images, _ = select_images(read_manifest(args.manifest), True)
     store = MapStore.create(
         args.store,
         images.column("image_id").to_pylist(),

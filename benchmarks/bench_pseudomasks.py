@@ -22,8 +22,9 @@ import time
 import numpy as np
 from numcodecs import Zstd
 
-from chexseg_dist.geometry import Letterbox
-from chexseg_dist.masks import MaskMaker, create_binarizer
+from chexseg_dist.core.geometry import Letterbox
+from chexseg_dist.masks.binarize import create_binarizer
+from chexseg_dist.masks.maker import MaskMaker
 
 
 def _blob_grids(rng: np.random.Generator, n: int, g: int) -> np.ndarray:
@@ -63,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     results = []
     if args.store:
-        from chexseg_dist.store import MapStore
+        from chexseg_dist.store.mapstore import MapStore
 
         batch = MapStore.open(args.store).read(slice(0, args.n))
         done = [(i, box) for i, box in enumerate(batch.letterboxes) if box is not None]  # failed rows have none

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chexseg_dist.models import create_classifier, default_target_layer
-from chexseg_dist.saliency import grad_cam
+from chexseg_dist.models.classifiers import create_classifier, default_target_layer
+from chexseg_dist.saliency.gradcam import grad_cam
 
 
 def _hooked(layer: nn.Module, saved: dict[str, Tensor], keep_grad: bool) -> Any:

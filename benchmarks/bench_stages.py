@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 def _decode_block(args: tuple[list[str], int]) -> int:
     import numpy as np
 
-    from chexseg_dist.pseudolabel import decode_frames
+    from chexseg_dist.data.frames import decode_frames
 
     paths, size = args
     n = len(paths)
@@ -74,8 +74,9 @@ def bench_model(checkpoint: str, device: str, batches: list[int], seconds: float
     import numpy as np
     import torch
 
-    from chexseg_dist.checkpoint import LoadedClassifier, load_classifier, predict_with_cams
-    from chexseg_dist.store import encode_cams, select_tasks
+    from chexseg_dist.models.checkpoint import LoadedClassifier
+    from chexseg_dist.saliency.classifier import load_classifier, predict_with_cams
+    from chexseg_dist.store.codec import encode_cams, select_tasks
 
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True
@@ -138,8 +139,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from chexseg_dist.checkpoint import read_meta
-    from chexseg_dist.manifest import read_manifest
+    from chexseg_dist.data.manifest import read_manifest
+    from chexseg_dist.models.checkpoint import read_meta
 
     size = int(read_meta(args.checkpoint)["image_size"])
     paths = read_manifest(args.manifest, ["path"]).column("path").to_pylist()[: args.decode_images]

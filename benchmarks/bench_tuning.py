@@ -22,12 +22,12 @@ import time
 import numpy as np
 from bench_evaluation import SIZES, ellipse_union
 
-from chexseg_dist.annotations import encode_mask, write_segmentations
-from chexseg_dist.cli import main
-from chexseg_dist.geometry import Letterbox
-from chexseg_dist.masks import TunedThresholds
-from chexseg_dist.pathologies import OBSERVATIONS, TASKS
-from chexseg_dist.store import MapStore
+from chexseg_dist.cli.main import main
+from chexseg_dist.core.geometry import Letterbox
+from chexseg_dist.core.pathologies import OBSERVATIONS, TASKS
+from chexseg_dist.data.chexlocalize import encode_mask, write_segmentations
+from chexseg_dist.masks.thresholds import TunedThresholds
+from chexseg_dist.store.mapstore import MapStore
 
 
 def build_inputs(workdir: str, n_images: int, prevalence: float, seed: int = 0) -> tuple[str, str, int]:

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from chexseg_dist.geometry import Letterbox
-from chexseg_dist.manifest import manifest_schema, write_manifest
-from chexseg_dist.pathologies import OBSERVATIONS
-from chexseg_dist.store import MapStore
+from chexseg_dist.core.geometry import Letterbox
+from chexseg_dist.core.pathologies import OBSERVATIONS
+from chexseg_dist.data.manifest import manifest_schema, write_manifest
+from chexseg_dist.store.mapstore import MapStore
 
 
 def image_ids(n: int) -> list[str]:

@@ -1,0 +1,171 @@
+"""Run the whole pipeline end to end on generated phantom radiographs (the README's first command).
+
+Stages, each the same `chexseg` subcommand a user would run (printed before it runs):
+  1. synth            phantom CheXpert-format tree + CheXlocalize ground truth   -> OUT/data/
+  2. manifest         one Parquet manifest per split                              -> OUT/manifests/
+  3. train-classifier Ray Train, tiny classifier                                  -> OUT/classifier/
+  4. pseudolabel      Ray Data all-class Grad-CAM into Zarr, per split            -> OUT/maps/{train,valid,test}.zarr
+  5. tune-thresholds  per-pathology thresholds on the expert valid split          -> OUT/thresholds.json
+  6. export-masks     Otsu and tuned masks for the test split                     -> OUT/predictions/
+  7. evaluate         CheXlocalize mIoU + CIs + hit rate on test                  -> OUT/eval/{otsu,tuned}/report.md
+  8. overlay          radiographs with maps and contours                          -> OUT/overlays/
+
+Reads: nothing (everything is generated). Writes: OUT (default outputs/demo). Re-running reuses finished stages:
+the phantom data are deterministic, training resumes its Ray Train run, and pseudo-labelling skips finished images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import time
+
+from chexseg_dist.cli._args import Output, add_config_arguments, log_beside
+from chexseg_dist.core.console import say
+
+SPLITS = ("train", "valid", "test")
+OUTPUTS = (Output("out", "folder"),)
+
+
+def log_path(args: argparse.Namespace) -> str:
+    return log_beside(args.out, "demo.log")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
+    parser.add_argument("--n-overlays", type=int, default=4, help="test images to draw overlays for")
+    add_config_arguments(parser)
+
+
+def _stage(title: str, argv: list[str], verbose: bool = False) -> None:
+    from chexseg_dist.cli.main import accepts_verbose, main
+
+    say(f"\n=== {title}\n$ chexseg {shlex.join(argv)}")
+    t0 = time.perf_counter()
+    rc = main([*argv, "-v"] if verbose and accepts_verbose(argv[0]) else argv)
+    if rc != 0:
+        raise SystemExit(f"demo: stage '{title}' failed with exit status {rc}")
+    say(f"--- {title}: {time.perf_counter() - t0:.1f} s")
+
+
+def run(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    out = os.path.abspath(args.out)
+    cfg_args = ["--preset", args.preset, *(["--config", args.config] if args.config else [])]
+    for item in args.overrides:
+        cfg_args += ["--set", item]
+    data, manifests, maps = f"{out}/data", f"{out}/manifests", f"{out}/maps"
+    ckpt, thresholds = f"{out}/classifier", f"{out}/thresholds.json"
+    t0 = time.perf_counter()
+
+    def stage(title: str, argv: list[str]) -> None:
+        _stage(title, argv, verbose=args.verbose)
+
+    stage("phantom radiographs", ["synth", "--out", data, *cfg_args])
+    for split in SPLITS:
+        stage(
+            f"manifest ({split})", ["manifest", "--csv", f"{data}/{split}.csv", "--out", f"{manifests}/{split}.parquet"]
+        )
+    stage(
+        "train the classifier",
+        [
+            "train-classifier",
+            "--train",
+            f"{manifests}/train.parquet",
+            "--valid",
+            f"{manifests}/valid.parquet",
+            "--out",
+            ckpt,
+            *cfg_args,
+        ],
+    )
+    for split in SPLITS:
+        stage(
+            f"pseudo-label ({split})",
+            [
+                "pseudolabel",
+                "--manifest",
+                f"{manifests}/{split}.parquet",
+                "--checkpoint",
+                ckpt,
+                "--store",
+                f"{maps}/{split}.zarr",
+                *cfg_args,
+            ],
+        )
+    stage(
+        "tune thresholds on valid",
+        [
+            "tune-thresholds",
+            "--store",
+            f"{maps}/valid.zarr",
+            "--gt",
+            f"{data}/gt_segmentations_valid.json",
+            "--out",
+            thresholds,
+            *cfg_args,
+        ],
+    )
+    for strategy in ("otsu", "tuned"):
+        extra = ["--thresholds", thresholds] if strategy == "tuned" else []
+        stage(
+            f"export {strategy} masks (test)",
+            [
+                "export-masks",
+                "--store",
+                f"{maps}/test.zarr",
+                "--strategy",
+                strategy,
+                *extra,
+                "--out",
+                f"{out}/predictions/test_{strategy}.json",
+                *cfg_args,
+            ],
+        )
+        stage(
+            f"evaluate {strategy} (test)",
+            [
+                "evaluate",
+                "--gt",
+                f"{data}/gt_segmentations_test.json",
+                "--pred",
+                f"{out}/predictions/test_{strategy}.json",
+                "--maps",
+                f"{maps}/test.zarr",
+                "--out",
+                f"{out}/eval/{strategy}",
+                *cfg_args,
+            ],
+        )
+    ids = pq.read_table(f"{manifests}/test.parquet", columns=["image_id"]).column("image_id").to_pylist()
+    stage(
+        "overlays (test)",
+        [
+            "overlay",
+            "--store",
+            f"{maps}/test.zarr",
+            "--manifest",
+            f"{manifests}/test.parquet",
+            "--ids",
+            ",".join(ids[: args.n_overlays]),
+            "--gt",
+            f"{data}/gt_segmentations_test.json",
+            "--thresholds",
+            thresholds,
+            "--out",
+            f"{out}/overlays",
+            *cfg_args,
+        ],
+    )
+    say(
+        f"\nDemo finished in {time.perf_counter() - t0:.0f} s. Outputs:\n"
+        f"  phantom data        {data}\n"
+        f"  classifier          {ckpt}\n"
+        f"  saliency stores     {maps}/{{train,valid,test}}.zarr\n"
+        f"  thresholds          {thresholds}\n"
+        f"  reports             {out}/eval/otsu/report.md, {out}/eval/tuned/report.md\n"
+        f"  overlays            {out}/overlays/"
+    )
+    return 0

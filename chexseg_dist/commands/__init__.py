@@ -1,1 +1,0 @@
-"""Subcommands of the chexseg console script: each module has add_arguments(parser) and run(args) -> int."""

@@ -1,0 +1,39 @@
+"""Presets are data: partial dicts merged over the dataclass defaults, each value with its measured reason.
+
+``tiny`` runs on 2 CPU cores in minutes (tests, demo, the phantom experiments); ``paper`` is the CheXseg paper's
+setting (DenseNet121 at 320 px, DeepLabV3+ ResNet-18 student) and is meant for GPU clusters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Preset name -> partial config.
+PRESETS: dict[str, dict[str, Any]] = {
+    # 2 CPU cores, minutes: a small CNN at 128 px on a few hundred phantom radiographs.
+    "tiny": {
+        # tiny_cnn at 128 px trains at ~150 images/s on one core: 15 epochs of 3000 phantoms take ~6 min and reach a
+        # mean task AUROC of ~0.9 on valid (measured; see docs/benchmarks.md).
+        "train_classifier": {"epochs": 15, "batch_size": 32, "lr": 2e-3},
+        # On 2 cores the one classifier actor holds 1 CPU and the decode tasks the other, which sit mostly idle:
+        # two torch threads raised DenseNet121 pseudo-labelling from 0.53x to 0.75x of a single-process loop.
+        # Batches of 64 amortise Ray Data's per-batch conversions, which dominate for tiny_cnn (0.85x -> 0.98-1.17x
+        # of the loop at 30,000 images; docs/benchmarks.md). DenseNet121 on a CPU is faster at 16.
+        "pseudolabel": {"torch_threads": 2, "batch_size": 64},
+    },
+    # The paper: DenseNet121 at 320 px (Adam 1e-4, batch 16, 3 epochs); DeepLabV3+ ResNet-18 student, w = 0.9.
+    "paper": {
+        "synth": {"n_train": 5000, "n_valid": 234, "n_test": 668, "size": 1024},
+        "classifier": {"arch": "densenet121", "image_size": 320},
+        "train_classifier": {"epochs": 3, "batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "lr_schedule": "constant"},
+        "pseudolabel": {"batch_size": 64, "images_per_chunk": 1024},
+        "segmentation": {
+            "arch": "deeplabv3plus",
+            "encoder": "resnet18",
+            "image_size": 512,
+            "expert_ratio": 0.9,
+            "batch_size": 16,
+            "lr": 1e-4,
+        },
+    },
+}

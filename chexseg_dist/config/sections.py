@@ -1,0 +1,324 @@
+"""The configuration sections: one documented dataclass per component, and the root :class:`Config`.
+
+Every section validates itself when built, with a message that names the field, the allowed values and the fix
+(:class:`~chexseg_dist.errors.ConfigError`): every float must be finite, and every strategy name must be in its
+registry (:mod:`chexseg_dist.core.registry`), so an unknown name fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from chexseg_dist.core.registry import (
+    BINARIZERS,
+    BLANK_POLICIES,
+    CLASSIFIER_ARCHS,
+    EVAL_MODES,
+    SCHEDULES,
+    UNCERTAIN_POLICIES,
+)
+from chexseg_dist.errors import ConfigError
+
+
+def _check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config {section}.{name}={value!r} must be {bound}")
+
+
+def _check_range(section: str, name: str, value: float, lo: float, hi: float, hi_open: bool = False) -> None:
+    if not (lo <= value < hi if hi_open else lo <= value <= hi):
+        raise ConfigError(f"config {section}.{name}={value!r} must be in [{lo}, {hi}{')' if hi_open else ']'}")
+
+
+class Section:
+    """Base of every section: checks that float fields are finite, then runs the section's own :meth:`validate`."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config {self.SECTION}.{f.name}={value!r} must be a finite number")
+        self.validate()
+
+    def validate(self) -> None:
+        """Section-specific checks (override); raise :class:`ConfigError` naming the field."""
+
+
+@dataclass
+class SynthConfig(Section):
+    """Phantom radiograph generator (``chexseg synth``)."""
+
+    SECTION: ClassVar[str] = "synth"
+
+    seed: int = 0
+    """Random seed; the same seed gives byte-identical output."""
+    n_train: int = 600
+    """Radiographs in the image-labelled train split (the pseudo-labelling corpus)."""
+    n_valid: int = 80
+    """Radiographs in the expert-annotated valid split (threshold tuning, model selection)."""
+    n_test: int = 80
+    """Radiographs in the expert-annotated test split (reported numbers)."""
+    size: int = 256
+    """Typical long side of generated images in pixels; sizes and aspect ratios vary around it."""
+    conspicuity: float = 1.0
+    """Multiplies the contrast of every drawn finding: < 1 makes the task harder, > 1 easier (1 = calibrated)."""
+    lateral_fraction: float = 0.05
+    """Share of train studies that also get a lateral view (an extra CSV row; n_train counts frontal images)."""
+    odd_mode_fraction: float = 0.01
+    """Share of train frontal images stored as 16-bit PNG, and again as RGB JPEG (>= 1 each when > 0)."""
+    jpeg_quality: int = 90
+    """libjpeg quality of the written JPEGs (fixed encoder settings keep the output byte-identical per seed)."""
+    train_masks: bool = False
+    """Also write gt_segmentations_train.json (exact masks of the train split, e.g. to score pseudo-masks)."""
+    workers: int = 1
+    """Generator processes (spawned pool); the output does not depend on it."""
+
+    def validate(self) -> None:
+        for name in ("n_train", "n_valid", "n_test"):
+            _check_positive("synth", name, getattr(self, name), allow_zero=True)
+        if self.size < 64:
+            raise ConfigError(f"config synth.size={self.size} must be >= 64 pixels")
+        _check_positive("synth", "conspicuity", self.conspicuity)
+        _check_positive("synth", "workers", self.workers)
+        for name in ("lateral_fraction", "odd_mode_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"config synth.{name}={getattr(self, name)!r} must be in [0, 1]")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"config synth.jpeg_quality={self.jpeg_quality!r} must be in 1..100")
+
+
+@dataclass
+class ClassifierConfig(Section):
+    """The saliency classifier: architecture and input geometry."""
+
+    SECTION: ClassVar[str] = "classifier"
+
+    arch: str = "tiny_cnn"
+    """Architecture name in the model registry: tiny_cnn, resnet18, resnet50, densenet121."""
+    image_size: int = 128
+    """Side S of the square letterbox frame the classifier sees."""
+    target_layer: str = ""
+    """Grad-CAM target layer (dotted module name); empty = the architecture's last feature block."""
+
+    def validate(self) -> None:
+        CLASSIFIER_ARCHS.check(self.arch, "classifier.arch")
+        if self.image_size < 32:
+            raise ConfigError(f"config classifier.image_size={self.image_size} must be >= 32 pixels")
+
+
+@dataclass
+class TrainClassifierConfig(Section):
+    """Data-parallel classifier training with Ray Train (``chexseg train-classifier``)."""
+
+    SECTION: ClassVar[str] = "train_classifier"
+
+    epochs: int = 6
+    batch_size: int = 32
+    """Per-worker batch size."""
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    num_workers: int = 1
+    """Ray Train workers (processes); one GPU each when use_gpu."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    uncertain_policy: str = "ones"
+    """Uncertain (-1) labels: ones (U-Ones), zeros (U-Zeros) or ignore (U-Ignore, masked out of the loss)."""
+    blank_policy: str = "negative"
+    """Blank (not mentioned) labels: negative (treated as 0) or ignore (masked out of the loss)."""
+    frontal_only: bool = True
+    augment: bool = True
+    """Small affine and brightness/contrast jitter; never a horizontal flip (anatomy is lateralised)."""
+    seed: int = 0
+    max_failures: int = 2
+    """Ray Train FailureConfig: worker-group restarts before the run fails."""
+    run_name: str = ""
+    """Ray Train run name under the storage path; empty = derived from the output checkpoint path."""
+    storage_path: str = ""
+    """Ray Train storage (local dir, NFS or s3://); empty = <out>.ray next to the output checkpoint."""
+    lr_schedule: str = "cosine"
+    """Learning-rate schedule over all steps: cosine (to 0) or constant."""
+    num_to_keep: int = 2
+    """Ray Train checkpoints kept, best by mean task AUROC (Ray also keeps the latest, for resuming)."""
+    decode_cpus: float = 1.0
+    """CPUs per Ray Data read/decode/letterbox task (leave room next to the training workers)."""
+    log_every_steps: int = 20
+    """Progress line from rank 0 every this many steps (0 = only per epoch)."""
+    aug_rotate_deg: float = 7.0
+    """Augmentation: rotation drawn uniformly in +-this many degrees."""
+    aug_scale: float = 0.1
+    """Augmentation: isotropic scale drawn uniformly in 1 +- this."""
+    aug_translate: float = 0.05
+    """Augmentation: translation drawn uniformly in +-this fraction of the frame side, per axis."""
+    aug_brightness: float = 0.1
+    """Augmentation: brightness gain drawn uniformly in 1 +- this (black stays black)."""
+    aug_contrast: float = 0.1
+    """Augmentation: contrast as a gamma exp(u), u uniform in +-this (black and white stay fixed)."""
+    hflip: bool = False
+    """Random horizontal flips; off by default because chest anatomy is lateralised (heart on the left)."""
+
+    def validate(self) -> None:
+        UNCERTAIN_POLICIES.check(self.uncertain_policy, "train_classifier.uncertain_policy")
+        SCHEDULES.check(self.lr_schedule, "train_classifier.lr_schedule")
+        for name in ("num_to_keep", "decode_cpus"):
+            _check_positive("train_classifier", name, getattr(self, name))
+        for name in ("log_every_steps", "aug_rotate_deg", "aug_translate", "aug_brightness", "aug_contrast"):
+            _check_positive("train_classifier", name, getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.aug_scale < 1.0:
+            raise ConfigError(f"config train_classifier.aug_scale={self.aug_scale} must be in [0, 1)")
+        BLANK_POLICIES.check(self.blank_policy, "train_classifier.blank_policy")
+        for name in ("epochs", "batch_size", "num_workers", "lr", "cpus_per_worker"):
+            _check_positive("train_classifier", name, getattr(self, name))
+        _check_positive("train_classifier", "max_failures", self.max_failures, allow_zero=True)
+
+
+@dataclass
+class PseudolabelConfig(Section):
+    """The pseudo-labelling job: Ray Data, classifier actors, Zarr store (``chexseg pseudolabel``)."""
+
+    SECTION: ClassVar[str] = "pseudolabel"
+
+    batch_size: int = 16
+    """Images per model batch inside an actor."""
+    num_actors: int = 1
+    """Fixed size of the classifier actor pool."""
+    gpus_per_actor: float = 0.0
+    """GPUs per classifier actor; 0 runs on CPU."""
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 0
+    """Intra-op torch threads per CPU classifier actor; 0 = max(1, int(cpus_per_actor)). More threads than CPUs
+    requested lets the model use cores that decode tasks leave idle (small machines)."""
+    decode_cpus: float = 1.0
+    """CPUs per read/decode/letterbox task (kept apart from the model actors)."""
+    images_per_decode_task: int = 256
+    """Images per read/decode task: enough to amortise Ray's per-task overhead (tens of ms on a busy node), few
+    enough to stream (256 frames of 320 px are a 26 MB block)."""
+    images_per_chunk: int = 256
+    """Images per Zarr chunk along the image axis, and rows per staged fragment; only the committer writes chunks."""
+    frontal_only: bool = True
+    """Skip lateral views (Grad-CAM pseudo-masks are defined for frontal radiographs); unknown views are kept."""
+    decode_memory_mb: float = 256.0
+    """Memory reserved per decode task (Ray logical resource; a 3000x3000 16-bit decode peaks near 200 MB)."""
+    commit_interval_s: float = 30.0
+    """Seconds between the driver's commits of staged fragments into the store (the store fills as the job runs)."""
+    progress_interval_s: float = 10.0
+    """Seconds between progress lines (images done/total, images/s)."""
+    lock_stale_s: float = 120.0
+    """A store lock whose heartbeat is older than this belongs to a dead job and is taken over."""
+    retry_failed: bool = False
+    """Retry images that failed in an earlier run (missing or corrupt files); False skips them."""
+    write_concurrency: int = 2
+    """Most write tasks staging fragments at once (each a worker process); raise it only for slow object stores."""
+
+    def validate(self) -> None:
+        for name in (
+            "batch_size",
+            "num_actors",
+            "cpus_per_actor",
+            "decode_cpus",
+            "images_per_chunk",
+            "decode_memory_mb",
+            "commit_interval_s",
+            "progress_interval_s",
+            "lock_stale_s",
+            "write_concurrency",
+            "images_per_decode_task",
+        ):
+            _check_positive("pseudolabel", name, getattr(self, name))
+        _check_positive("pseudolabel", "gpus_per_actor", self.gpus_per_actor, allow_zero=True)
+        _check_positive("pseudolabel", "torch_threads", self.torch_threads, allow_zero=True)
+
+
+@dataclass
+class MasksConfig(Section):
+    """Saliency map -> binary mask (pseudo-labels and predictions)."""
+
+    SECTION: ClassVar[str] = "masks"
+
+    strategy: str = "otsu"
+    """Binarisation: otsu (per map, on the 0..255-quantised normalised map, holes filled) or tuned (map > t)."""
+    thresholds: str = ""
+    """Tuned thresholds JSON (chexseg tune-thresholds); required for strategy=tuned."""
+    prob_cutoff: bool = False
+    """Empty mask when the classifier probability is below the tuned per-pathology cutoff."""
+    label_gating: bool = False
+    """Empty mask when the image-level label of that pathology is not positive (pseudo-labels on labelled data)."""
+    threshold_steps: int = 100
+    """Tuning grid of map thresholds: t = k / threshold_steps for k = 0..threshold_steps (100: 0.00..1.00)."""
+    cutoff_steps: int = 100
+    """Tuning grid of probability cutoffs: c = k / cutoff_steps for k = 0..cutoff_steps."""
+    tune_mode: str = "tp_only"
+    """Evaluation mode whose mIoU the map thresholds maximise (tp_only: the benchmark's choice; or full)."""
+    fallback_threshold: float = 0.5
+    """Threshold for a pathology with no positive expert mask in the tuning set (nothing to tune on)."""
+    workers: int = 2
+    """Processes for export-masks and tune-thresholds (1 = in the calling process)."""
+
+    def validate(self) -> None:
+        BINARIZERS.check(self.strategy, "masks.strategy")
+        EVAL_MODES.check(self.tune_mode, "masks.tune_mode")
+        for name in ("threshold_steps", "cutoff_steps", "workers"):
+            _check_positive("masks", name, getattr(self, name))
+        if not 0.0 <= self.fallback_threshold <= 1.0:
+            raise ConfigError(f"config masks.fallback_threshold={self.fallback_threshold!r} must be in [0, 1]")
+
+
+@dataclass
+class EvaluateConfig(Section):
+    """CheXlocalize-style evaluation (``chexseg evaluate``)."""
+
+    SECTION: ClassVar[str] = "evaluate"
+
+    n_bootstrap: int = 1000
+    """Bootstrap resamples over images for the 95% CIs."""
+    seed: int = 0
+    """Seed of the bootstrap resampling (numpy.random.default_rng): the same seed gives the same CIs."""
+    full: bool = False
+    """Full-dataset mode: also score pairs where exactly one of prediction and ground truth is empty (IoU 0)."""
+    allow_missing: bool = False
+    """Score images/pathologies missing from the predictions as empty masks (with a warning) instead of failing."""
+
+    def validate(self) -> None:
+        _check_positive("evaluate", "n_bootstrap", self.n_bootstrap, allow_zero=True)
+
+
+@dataclass
+class SegmentationConfig(Section):
+    """The semi-supervised segmentation model (CheXseg's student) and its expert/pseudo mixing."""
+
+    SECTION: ClassVar[str] = "segmentation"
+
+    arch: str = "deeplabv3plus"
+    encoder: str = "resnet18"
+    image_size: int = 128
+    expert_ratio: float = 0.9
+    """Probability w that a training sample comes from the expert set (the paper used 0.9)."""
+    batch_size: int = 16
+    lr: float = 1e-4
+    epochs: int = 5
+
+    def validate(self) -> None:
+        if not 0.0 <= self.expert_ratio <= 1.0:
+            raise ConfigError(f"config segmentation.expert_ratio={self.expert_ratio} must be in [0, 1]")
+
+
+@dataclass
+class Config:
+    """The root configuration; one section per component."""
+
+    preset: str = "tiny"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    train_classifier: TrainClassifierConfig = field(default_factory=TrainClassifierConfig)
+    pseudolabel: PseudolabelConfig = field(default_factory=PseudolabelConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,156 @@
+"""Paths and URIs: one way to open local files, s3:// objects and any other fsspec URI.
+
+Object-store credentials and endpoints come from the standard environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for S3-compatible servers), so the same
+command works against AWS, MinIO or a test server and nothing secret is written into configs or stores.
+Filesystems are created where they are used (in each task or actor): fsspec's async filesystems are not fork-safe
+and must never be pickled into a worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from chexseg_dist.errors import InputError, InputNotFoundError
+
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` URIs other than ``file://``."""
+    return "://" in path and not path.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path components for a local path or a URI."""
+    if is_uri(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def parent(path: str) -> str:
+    """The directory (or prefix) that holds ``path``."""
+    if is_uri(path):
+        return posixpath.dirname(path.rstrip("/"))
+    return os.path.dirname(os.path.abspath(path))
+
+
+def basename(path: str) -> str:
+    return posixpath.basename(path.rstrip("/")) if is_uri(path) else os.path.basename(path.rstrip(os.sep))
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``path`` and the path within it."""
+    fs, inner = url_to_fs(path)  # s3fs/botocore read the standard AWS environment
+    return fs, inner
+
+
+def open_file(path: str, mode: str = "rb", **kwargs: Any) -> AbstractContextManager[IO[Any]]:
+    """Open a local path or URI as a context manager.
+
+    Writing (``"w"``/``"wb"``) publishes the file only when the ``with`` block completes: locally the data go to a
+    temporary file beside the target, renamed over it at the end (and removed if the block raises); on object stores
+    an upload becomes visible only once complete. A reader, or a command that failed half-way, never leaves a
+    half-written output. Parent directories are created when writing locally.
+    """
+    if "w" in mode and not is_uri(path):
+        return _atomic_local(_local(path), mode, **kwargs)
+    if "a" in mode and not is_uri(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    return fsspec.open(path, mode, **kwargs).open()  # type: ignore[no-any-return]
+
+
+def _local(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+@contextlib.contextmanager
+def _atomic_local(path: str, mode: str, **kwargs: Any) -> Iterator[IO[Any]]:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    f = open(tmp, mode, **kwargs)  # noqa: SIM115 - closed below, before the rename
+    try:
+        yield f
+        f.close()
+        os.replace(tmp, path)
+    finally:
+        f.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_bytes(path: str) -> bytes:
+    """All bytes of a local file or object."""
+    with open_file(path, "rb") as f:
+        return bytes(f.read())
+
+
+def read_input(path: str, what: str = "input file") -> bytes:
+    """All bytes of an input the user named; a missing, unreadable or directory path is a one-line error naming it.
+
+    Raises:
+        InputNotFoundError: no such file or object.
+        InputError: a directory, or no permission to read it.
+    """
+    try:
+        return read_bytes(path)
+    except FileNotFoundError:
+        raise InputNotFoundError(f"{what} {path}: no such file or object") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path}: is a directory, not a file") from None
+    except PermissionError:
+        raise InputError(f"{what} {path}: permission denied") from None
+
+
+def exists(path: str) -> bool:
+    fs, inner = filesystem(path)
+    return bool(fs.exists(inner))
+
+
+def makedirs(path: str) -> None:
+    """Create a local directory (object stores have no directories: a no-op there)."""
+    if not is_uri(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Publish ``data`` at ``path`` only when complete (see :func:`open_file`): a reader never sees half a file."""
+    with open_file(path, "wb") as f:
+        f.write(data)
+
+
+def remove(path: str, recursive: bool = False) -> bool:
+    """Delete a file or object (a directory or prefix with ``recursive``); returns False if there was none."""
+    fs, inner = filesystem(path)
+    try:
+        fs.rm(inner, recursive=recursive)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def isdir(path: str) -> bool:
+    """True for an existing local directory or a non-empty object-store prefix."""
+    fs, inner = filesystem(path)
+    return bool(fs.isdir(inner))
+
+
+def isfile(path: str) -> bool:
+    """True for an existing local file or object."""
+    fs, inner = filesystem(path)
+    return bool(fs.isfile(inner))
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two paths or URIs name the same file or object (local paths compared after resolving links)."""
+    if is_uri(a) or is_uri(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(_local(a)) == os.path.realpath(_local(b))

@@ -1,0 +1,72 @@
+"""The Ray session a job runs on: start one if needed, know whether it can grow, read its resources.
+
+Jobs call plain ``ray.init()`` (never with ``num_cpus``): under ``ray job submit`` or with ``RAY_ADDRESS`` set it
+attaches to the cluster, otherwise it starts a local single-node Ray with Ray 2.60's token authentication on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from chexseg_dist.core.console import begin_quiet
+
+
+def cluster_resources() -> dict[str, float]:
+    """``ray.cluster_resources()`` as floats (Ray must be running)."""
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def ray_can_grow() -> bool:
+    """Whether the Ray this job runs on (or will attach to with ``ray.init()``) is a cluster that may still grow.
+
+    False for a single-node Ray started by this process (``ray.init()`` with no cluster to attach to, or an earlier
+    ``ray.init(num_cpus=...)`` here): resources missing now will never come. True when ``ray.init()`` attaches to a
+    cluster (``RAY_ADDRESS``, e.g. under ``ray job submit``, or one started with ``ray start``), and whenever Ray's
+    private helpers used here change (then the job warns rather than refuses).
+    """
+    import ray
+
+    try:
+        if ray.is_initialized():
+            from ray._private import worker
+
+            node = worker._global_node
+            return not (node is not None and node.head)
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is not None  # type: ignore[arg-type]
+    except Exception:
+        return True
+
+
+def ensure_ray() -> bool:
+    """``ray.init()`` unless Ray is running; returns whether this call started it.
+
+    Noisy work starts here: inside a command's quiet session, Ray's output goes to the command's log from now on.
+    """
+    import ray
+    import ray.data
+
+    begin_quiet()
+    # Progress bars would only fill the log: commands print their own progress lines with rates and ETAs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return False
+    ray.init()
+    return True
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[bool]:
+    """Run the block with Ray up: started here (and shut down after) unless it already runs. Yields whether it was."""
+    started = ensure_ray()
+    try:
+        yield started
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

@@ -1,0 +1,465 @@
+"""The one Ray Train scaffolding every training task plugs into (the classifier today; the student next).
+
+A task is a small object (:class:`TrainTask`): it builds its datasets and model, says what one step computes, scores
+an epoch and exports the best one. The loop owns everything else, the same for every task:
+
+- **Data parallel**: ``TorchTrainer`` over ``num_workers`` CPU or GPU workers; the ``train`` dataset is streamed
+  with ``streaming_split(equal=True)`` (every rank runs the same number of steps, so DDP never waits on a missing
+  batch); other datasets reach every worker whole. Step sums (loss, images) are all-reduced at the end of an epoch.
+- **Checkpoints and resume**: after every epoch rank 0 reports the metrics with a checkpoint holding the model,
+  optimizer and scheduler state, the epoch, the metrics history and the task's identity (e.g. architecture and
+  frame size). ``CheckpointConfig`` keeps the ``num_to_keep`` best by the task's ``score`` (Ray keeps the latest as
+  well). Re-running with the same run name and storage path resumes at the next epoch; a run of another identity
+  is refused (:class:`~chexseg_dist.errors.TrainingError`, naming both).
+- **Failures**: ``FailureConfig(max_failures)`` restarts the worker group from the latest checkpoint. The fault
+  drill (:class:`FaultInjection`) kills rank 0's process once at a chosen epoch, to prove it.
+- **Best epoch**: after ``fit`` the driver loads the best epoch's state and the task exports it.
+- **Console**: rank 0 sends a progress line every ``log_every_steps`` steps (loss, learning rate, images/s, ETA)
+  and one line per epoch to the driver's console through a :class:`~chexseg_dist.core.console.Relay`.
+
+Importing this module imports torch but not Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import signal
+import tempfile
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from chexseg_dist.core import fsio
+from chexseg_dist.core.console import Relay, format_seconds, relay_say, say
+from chexseg_dist.errors import ChexsegError, TrainingError
+
+STATE_FILE = "state.pt"
+#: Driver-side environment hook for failure drills (e.g. with ``ray job submit``): a marker path, optionally
+#: ``PATH:EPOCH``. The first attempt reaching that epoch creates the marker and kills rank 0's process.
+FAIL_ONCE_ENV = "CHEXSEG_FAIL_ONCE_MARKER"
+
+
+class LoopSettings(Protocol):
+    """The fields a task's config section shares with the loop (``train_classifier`` and the student's section)."""
+
+    epochs: int
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    max_failures: int
+    run_name: str
+    storage_path: str
+    num_to_keep: int
+    log_every_steps: int
+    seed: int
+
+
+@dataclass
+class StepResult:
+    """What one training step computed.
+
+    Attributes:
+        loss: the scalar to minimise (still attached to the graph).
+        images: images in the step (the epoch's mean loss is weighted by them).
+        parts: further per-step sums to all-reduce and report (e.g. loss per data source), weighted by ``images``.
+        ids: the batch's image ids, named if the loss is not finite.
+    """
+
+    loss: Tensor
+    images: int
+    parts: dict[str, float] = field(default_factory=dict)
+    ids: Sequence[str] = ()
+
+
+@dataclass
+class WorkerContext:
+    """What a task sees inside a worker."""
+
+    rank: int
+    world: int
+    device: torch.device
+    epoch: int
+    generator: torch.Generator
+    relay: Any = None
+
+    def say(self, line: str) -> None:
+        """A line on the driver's console (rank 0 only)."""
+        if self.rank == 0:
+            relay_say(self.relay, line)
+
+
+class TrainTask(ABC):
+    """A training task: what the loop needs to know about one kind of model.
+
+    Attributes:
+        name: the command's name, prefixed to console lines (e.g. ``train-classifier``).
+        loop: the config section holding the :class:`LoopSettings` fields.
+    """
+
+    name: str
+    loop: LoopSettings
+
+    # ---------------------------------------------------------------- driver
+    @abstractmethod
+    def datasets(self) -> dict[str, Any]:
+        """The Ray datasets by name; ``train`` is split across workers, the others are not."""
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What a run must keep to be resumed (compared with the checkpoint's), e.g. architecture and size."""
+
+    @abstractmethod
+    def export(
+        self, state: Mapping[str, Any], best: Mapping[str, Any], history: list[dict[str, Any]], out: str, extra: dict
+    ) -> dict[str, str]:
+        """Write the best epoch's model as the pipeline's output in ``out``; returns the written paths by name."""
+
+    def describe(self) -> str:
+        """One line for the console when the run starts."""
+        return self.name
+
+    # ---------------------------------------------------------------- worker
+    @abstractmethod
+    def build(self, steps_per_epoch: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        """Model (on CPU, not yet wrapped), optimizer and learning-rate scheduler (or None) for this run."""
+
+    @abstractmethod
+    def steps_per_epoch(self, world: int) -> int:
+        """Optimizer steps per epoch on each worker (for schedules and ETAs)."""
+
+    @abstractmethod
+    def train_batches(self, shard: Any, ctx: WorkerContext) -> Iterator[Any]:
+        """This worker's training batches for one epoch, from its ``train`` shard."""
+
+    @abstractmethod
+    def train_step(self, model: nn.Module, batch: Any, ctx: WorkerContext) -> StepResult:
+        """Forward one batch and return the loss to minimise (the loop does backward and the optimizer step)."""
+
+    @abstractmethod
+    def validate(self, model: nn.Module, shards: Mapping[str, Any], ctx: WorkerContext) -> dict[str, Any]:
+        """Score the epoch; rank 0's metrics must hold ``score`` (higher is better). Called on every rank."""
+
+    def epoch_line(self, epoch: int, metrics: Mapping[str, Any]) -> str:
+        """The console line of one finished epoch."""
+        return (
+            f"epoch {epoch + 1}/{self.loop.epochs} train_loss {metrics['train_loss']:.4f} score {metrics['score']:.4f}"
+        )
+
+
+@dataclass
+class FaultInjection:
+    """Kill rank 0's worker process once, in the middle of epoch index ``epoch``, to exercise ``FailureConfig``.
+
+    The rank 0 worker that reaches the epoch while ``marker`` does not exist creates it and dies after its first
+    step (SIGKILL: no Python clean-up, as when a node is lost); the restarted attempt resumes from the latest
+    checkpoint, finds the marker and trains on. ``marker`` must
+    be visible to the workers (shared storage on a multi-node cluster).
+    """
+
+    marker: str
+    epoch: int = 1
+
+    @classmethod
+    def from_env(cls) -> FaultInjection | None:
+        raw = os.environ.get(FAIL_ONCE_ENV, "")
+        if not raw:
+            return None
+        path, sep, epoch = raw.rpartition(":")
+        if sep and epoch.isdigit():
+            return cls(marker=path, epoch=int(epoch))
+        return cls(marker=raw)
+
+    def maybe_fire(self, rank: int, epoch: int) -> None:
+        """Called after the first step of every epoch; kills this process once, at ``epoch`` on rank 0."""
+        if rank == 0 and epoch == self.epoch and not os.path.exists(self.marker):
+            # Ray Train's controller collects reports by polling the workers (every 2 s by default): let it see the
+            # previous epoch's checkpoint first, as it would before a real failure in the middle of an epoch.
+            time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+            with open(self.marker, "w") as f:
+                f.write(f"fault drill: killed rank 0 at epoch index {epoch} (pid {os.getpid()})\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` produced.
+
+    Attributes:
+        out: the exported output (e.g. a checkpoint directory).
+        history: one metrics dict per epoch index 0..epochs-1 (over all attempts and resumptions).
+        best_epoch: index of the epoch with the highest score (the weights in ``out``).
+        best_metrics: that epoch's metrics.
+        start_epoch: the epoch index this invocation started at (0 for a fresh run, > 0 when it resumed).
+        starts: every epoch index a training attempt started at, over the run's whole life (a retried failure or
+            a resumption adds one).
+        wall_time_s: seconds this invocation spent in ``fit``.
+        storage_path, run_name: where Ray Train keeps the run (re-run with the same two to resume).
+        files: what the task's export wrote, by name.
+    """
+
+    out: str
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_metrics: dict[str, Any]
+    start_epoch: int
+    starts: list[int]
+    wall_time_s: float
+    storage_path: str
+    run_name: str
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_run(loop: LoopSettings, out: str, default_name: str) -> tuple[str, str]:
+    """``(storage_path, run_name)`` of a run: the config's, or ``<out>.ray`` and ``basename(out)``."""
+    out = out.rstrip("/")
+    storage = loop.storage_path or f"{out}.ray"
+    if not fsio.is_uri(storage):
+        storage = os.path.abspath(storage)
+    return storage, loop.run_name or fsio.basename(out) or default_name
+
+
+# ------------------------------------------------------------------------------------------------ the worker side
+
+
+def _allreduce_sum(values: list[float], world: int, device: torch.device) -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
+def _load_state(checkpoint: Any) -> dict[str, Any]:
+    with checkpoint.as_directory() as directory, open(os.path.join(directory, STATE_FILE), "rb") as f:
+        return dict(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True))
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (one process per worker): the loop described in the module docstring."""
+    import ray.train
+    import ray.train.torch
+
+    task: TrainTask = config["task"]
+    loop = task.loop
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(loop.cpus_per_worker)))
+    torch.manual_seed(loop.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    steps_per_epoch = task.steps_per_epoch(world)
+    model, optimizer, scheduler = task.build(steps_per_epoch)
+    start_epoch, history, starts = 0, [], []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = _load_state(checkpoint)
+        if state.get("identity") != task.identity():
+            raise TrainingError(
+                f"run {config['run']} holds {state.get('identity')}; this config asks for {task.identity()}: set "
+                f"the run name (or another --out) to start a new run"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, starts = int(state["epoch"]) + 1, list(state["history"]), list(state["starts"])
+    wctx = WorkerContext(rank, world, device, start_epoch, torch.Generator(), config.get("relay"))
+    # Random draws (augmentation, mixing) are a function of (seed, rank, epoch the attempt started at).
+    wctx.generator.manual_seed(loop.seed * 1000 + rank + 7919 * start_epoch)
+    if checkpoint is not None:
+        wctx.say(f"[{task.name}] resuming {config['run']} at epoch {start_epoch + 1}/{loop.epochs}")
+    starts.append({"invocation": config["invocation"], "epoch": start_epoch})
+    model = ray.train.torch.prepare_model(model)
+    bare: nn.Module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    shards = {name: ray.train.get_dataset_shard(name) for name in config["datasets"]}
+    fault = FaultInjection(**config["fault"]) if config.get("fault") else None
+
+    for epoch in range(start_epoch, loop.epochs):
+        wctx.epoch = epoch
+        t0 = time.perf_counter()
+        model.train()
+        sums: dict[str, float] = {"loss": 0.0, "images": 0.0}
+        for step, batch in enumerate(task.train_batches(shards["train"], wctx), start=1):
+            result = task.train_step(model, batch, wctx)
+            loss_value = float(result.loss.detach())
+            if not math.isfinite(loss_value):
+                ids = f" (images {list(result.ids)[:8]})" if result.ids else ""
+                raise TrainingError(
+                    f"[{task.name}] epoch {epoch + 1} step {step}: the loss is {loss_value}{ids}; lower the learning "
+                    f"rate or check those images (the last good checkpoint is kept in {config['run']})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if fault is not None and step == 1:
+                fault.maybe_fire(rank, epoch)
+            sums["loss"] += loss_value * result.images
+            sums["images"] += result.images
+            for key, value in result.parts.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if loop.log_every_steps and step % loop.log_every_steps == 0:
+                elapsed = time.perf_counter() - t0
+                rate = sums["images"] * world / max(elapsed, 1e-9)
+                eta = format_seconds(elapsed / step * max(0, steps_per_epoch - step))
+                lr = optimizer.param_groups[0]["lr"]
+                wctx.say(
+                    f"[{task.name}] epoch {epoch + 1}/{loop.epochs} step {step}/~{steps_per_epoch} "
+                    f"loss {loss_value:.4f} lr {lr:.2e} {rate:.1f} img/s, epoch ETA {eta}"
+                )
+        keys = sorted(sums)
+        totals = dict(zip(keys, _allreduce_sum([sums[k] for k in keys], world, device)))
+        if totals["images"] == 0:
+            raise TrainingError(
+                f"[{task.name}] epoch {epoch + 1}: no training image could be read or decoded (the failures table "
+                "names them); check the manifest's paths and the storage credentials"
+            )
+        train_time = time.perf_counter() - t0
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": totals["loss"] / totals["images"],
+            "train_images": int(totals["images"]),
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "train_time_s": train_time,
+            "train_images_per_s": totals["images"] / train_time if train_time > 0 else float("nan"),
+        }
+        metrics.update({f"train_{k}": v / totals["images"] for k, v in totals.items() if k not in ("loss", "images")})
+        metrics.update(task.validate(bare, shards, wctx))
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            continue
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        history.append(metrics)
+        wctx.say(f"[{task.name}] " + task.epoch_line(epoch, metrics))
+        state = {
+            "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch,
+            "history": history,
+            "starts": starts,
+            "identity": task.identity(),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}"
+            )
+
+
+# ------------------------------------------------------------------------------------------------ the driver side
+
+
+def _user_error(err: BaseException) -> ChexsegError | None:
+    """The first ChexsegError in an exception's chain (Ray wraps what a worker raised)."""
+    seen = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ChexsegError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def fit(task: TrainTask, out: str, *, fault: FaultInjection | None = None, default_name: str = "run") -> TrainResult:
+    """Train ``task`` with Ray Train and export its best epoch into ``out``.
+
+    Ray must already be initialised. Re-running with the same ``out`` (or run name and storage path) resumes the run
+    at its next epoch; a run that already finished every epoch only re-exports ``out``.
+
+    Raises:
+        ChexsegError: bad input or state raised inside a worker (unwrapped from Ray's error), or a resumed run of
+            another identity.
+        RuntimeError: training failed after ``max_failures`` retries (the Ray error is chained).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    loop = task.loop
+    fault = fault or FaultInjection.from_env()
+    storage, run_name = resolve_run(loop, out, default_name)
+    invocation = uuid.uuid4().hex
+    datasets = task.datasets()
+    say(f"[{task.name}] {task.describe()}; run {run_name!r} in {storage}")
+    resources = {"CPU": loop.cpus_per_worker}
+    if loop.use_gpu:
+        resources["GPU"] = 1.0
+    relay = Relay()
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "task": task,
+            "datasets": list(datasets),
+            "run": f"{storage}/{run_name}",
+            "invocation": invocation,
+            "fault": None if fault is None else {"marker": fault.marker, "epoch": fault.epoch},
+            "relay": relay.handle,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=loop.num_workers, use_gpu=loop.use_gpu, resources_per_worker=resources
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=loop.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=loop.num_to_keep, checkpoint_score_attribute="score", checkpoint_score_order="max"
+            ),
+        ),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        user = _user_error(err)
+        if user is not None:
+            raise user from None
+        raise RuntimeError(f"training run {storage}/{run_name} failed: {err}") from err
+    finally:
+        relay.close()
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {storage}/{run_name} finished without a checkpoint")
+    latest = _load_state(result.checkpoint)
+    history: list[dict[str, Any]] = list(latest["history"])
+    best = max(history, key=lambda m: (m["score"], -m["epoch"]))
+    best_state = latest
+    if best["epoch"] != latest["epoch"]:
+        candidates = [c for c, m in (result.best_checkpoints or []) if m.get("epoch") == best["epoch"]]
+        if not candidates:
+            raise RuntimeError(
+                f"training run {storage}/{run_name}: the checkpoint of the best epoch {best['epoch']} is gone; "
+                "raise num_to_keep"
+            )
+        best_state = _load_state(candidates[0])
+    starts = [dict(s) for s in latest["starts"]]
+    mine = [int(s["epoch"]) for s in starts if s["invocation"] == invocation]
+    # No attempt of this invocation reported anything: the run was already complete.
+    start_epoch = min(mine) if mine else len(history)
+    files = task.export(best_state, best, history, out, {"run": f"{storage}/{run_name}", "wall_time_s": wall})
+    return TrainResult(
+        out=out,
+        history=history,
+        best_epoch=int(best["epoch"]),
+        best_metrics=best,
+        start_epoch=start_epoch,
+        starts=[int(s["epoch"]) for s in starts],
+        wall_time_s=wall,
+        storage_path=storage,
+        run_name=run_name,
+        files=files,
+    )

@@ -1,0 +1,152 @@
+"""Classifier training on a real local Ray cluster: resume, round trip into pseudo-labelling, retry after a killed
+worker, and the per-image failure records of the shared decode stage."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cxp_helpers import tiny_cxp
+from PIL import Image
+
+from chexseg_dist.config import load_config
+from chexseg_dist.core.pathologies import OBSERVATIONS, TASKS
+from chexseg_dist.data import frame_from_bytes
+from chexseg_dist.train import FaultInjection
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return tiny_cxp(tmp_path_factory.mktemp("cxp"))
+
+
+SMALL = [
+    "classifier.image_size=32",
+    "train_classifier.batch_size=8",
+    "train_classifier.log_every_steps=0",
+    "train_classifier.lr=0.003",
+]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_resume_continues_at_next_epoch_and_round_trips(
+    ray_cluster: None, data: dict[str, str], tmp_path: Path
+) -> None:
+    from chexseg_dist.saliency.classifier import load_classifier, predict_with_cams
+    from chexseg_dist.train.classifier import train_classifier
+
+    out = str(tmp_path / "ckpt")
+    first = train_classifier(
+        load_config("tiny", overrides=[*SMALL, "train_classifier.epochs=1"]),
+        data["train"],
+        data["valid"],
+        out,
+        verbose=False,
+    )
+    assert first.start_epoch == 0 and [m["epoch"] for m in first.history] == [0]
+    cfg = load_config("tiny", overrides=[*SMALL, "train_classifier.epochs=2"])
+    second = train_classifier(cfg, data["train"], data["valid"], out, verbose=False)
+    assert second.start_epoch == 1
+    assert [m["epoch"] for m in second.history] == [0, 1]
+    assert second.starts == [0, 1]
+    # The first epoch's numbers survive the resumption unchanged.
+    assert second.history[0]["train_loss"] == first.history[0]["train_loss"]
+    # 2 undecodable train images were left out and recorded, never trained on.
+    assert all(m["failed_images"] == 2 and m["train_images"] == 38 for m in second.history)
+    assert all(m["valid_images"] == 16 for m in second.history)
+    with open(tmp_path / "ckpt" / "failures.csv") as f:
+        failed = list(csv.DictReader(f))
+    assert sorted(int(r["row"]) for r in failed) == [0, 1]
+    assert all(r["stage"] == "decode" and r["path"].endswith(".png") for r in failed)
+
+    saved = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())
+    assert [m["epoch"] for m in saved["epochs"]] == [0, 1]
+    assert saved["best_epoch"] == second.best_epoch
+    assert (tmp_path / "ckpt" / "metrics.csv").read_text().count("\n") == 3
+    assert "train_classifier" in (tmp_path / "ckpt" / "config.yaml").read_text()
+
+    loaded = load_classifier(out)
+    meta = loaded.meta
+    assert meta["metrics"]["epoch"] == second.best_epoch
+    assert meta["metrics"]["mean_task_auroc"] == pytest.approx(second.best_metrics["mean_task_auroc"])
+    assert set(meta["metrics"]["per_task_auroc"]) == set(TASKS)
+    assert meta["config"]["train_classifier"]["epochs"] == 2 and meta["image_size"] == 32
+    # The disk that marks Cardiomegaly is easy: the classifier must have learnt it.
+    assert second.best_metrics["auroc/Cardiomegaly"] > 0.8
+
+    frames = torch.from_numpy(np.stack([frame_from_bytes(_png(i), 32)[0] for i in range(3)]))[:, None]
+    probs, cams = predict_with_cams(loaded, frames)
+    assert probs.shape == (3, len(OBSERVATIONS)) and cams.shape[:2] == (3, len(OBSERVATIONS))
+    assert bool(torch.isfinite(cams).all()) and float(cams.min()) >= 0.0
+
+    # A third run with the same epochs has nothing left to train: it re-exports the same best epoch.
+    third = train_classifier(cfg, data["train"], data["valid"], out, verbose=False)
+    assert third.start_epoch == 2 and third.best_epoch == second.best_epoch and len(third.history) == 2
+
+    # And the pseudo-labelling job (another stage) accepts the checkpoint as is.
+    from chexseg_dist.pseudolabel.job import run_pseudolabel
+
+    summary = run_pseudolabel(cfg, data["valid"], out, str(tmp_path / "maps.zarr"))
+    assert summary.processed == 16 and summary.failed == 0
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 48), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_failed_worker_is_retried_from_the_latest_checkpoint(
+    ray_cluster: None, data: dict[str, str], tmp_path: Path
+) -> None:
+    from chexseg_dist.train.classifier import train_classifier
+
+    marker = tmp_path / "failed-once"
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            *SMALL,
+            "train_classifier.epochs=2",
+            "train_classifier.max_failures=1",
+            # Two DDP workers: the whole group restarts and the data are split between them.
+            "train_classifier.num_workers=2",
+            "train_classifier.cpus_per_worker=0.5",
+            "train_classifier.decode_cpus=0.5",
+        ],
+    )
+    result = train_classifier(
+        cfg,
+        data["train"],
+        data["valid"],
+        str(tmp_path / "ckpt"),
+        fault=FaultInjection(str(marker), epoch=1),
+        verbose=False,
+    )
+    assert "killed rank 0 at epoch index 1" in marker.read_text()  # the worker process did die (SIGKILL)...
+    assert result.starts == [0, 1]  # ...and the retried attempt resumed at epoch index 1 from the checkpoint
+    assert [m["epoch"] for m in result.history] == [0, 1]
+    # 38 decodable rows split equally over 2 workers: every one of them trained on.
+    assert all(m["train_images"] == 38 for m in result.history)
+    assert os.path.exists(tmp_path / "ckpt" / "checkpoint.json")
+
+    # Without retries the same failure ends the run with an error naming the run.
+    marker2 = tmp_path / "failed-again"
+    cfg0 = load_config("tiny", overrides=[*SMALL, "train_classifier.epochs=1", "train_classifier.max_failures=0"])
+    with pytest.raises(RuntimeError, match=r"training run .*ckpt0\.ray/ckpt0 failed"):
+        train_classifier(
+            cfg0,
+            data["train"],
+            data["valid"],
+            str(tmp_path / "ckpt0"),
+            fault=FaultInjection(str(marker2), epoch=0),
+            verbose=False,
+        )
