@@ -52,6 +52,9 @@ class ImageDecodeError(InputError):
         self.source = source
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # crosses process boundaries (Ray tasks, process pools)
+        return (type(self), (self.source, self.reason))
+
 
 class CheckpointError(InputError):
     """A checkpoint directory that cannot be loaded or saved; the message names the path and field."""

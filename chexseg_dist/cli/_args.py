@@ -104,11 +104,22 @@ def load_command_config(command: str, args: argparse.Namespace) -> Any:
 # ---------------------------------------------------------------------------------------------------- paths
 @dataclass(frozen=True)
 class Output:
-    """An output argument: ``dest`` holds a ``file`` (with one of ``suffixes``, if given) or a ``folder``."""
+    """An output argument: ``dest`` holds a ``file`` (with one of ``suffixes``, if given) or a ``folder``.
+
+    ``writes`` names what else the command writes there: files inside a folder output (``"config.yaml"``), or
+    siblings of a file output, by the suffix added to its path (``".config.yaml"``). None of them may be an input.
+    """
 
     dest: str
     kind: str = "file"
     suffixes: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+
+    def paths(self, value: str) -> list[str]:
+        """Every path this output writes for the argument ``value``."""
+        if self.kind == "folder":
+            return [value, *(fsio.join(value, name) for name in self.writes)]
+        return [value, *(value + suffix for suffix in self.writes)]
 
 
 def check_paths(args: argparse.Namespace, inputs: Sequence[str], outputs: Sequence[Output]) -> None:
@@ -130,12 +141,14 @@ def check_paths(args: argparse.Namespace, inputs: Sequence[str], outputs: Sequen
         if not path:
             continue
         flag = "--" + out.dest.replace("_", "-")
-        for dest, source in given_inputs:
-            if fsio.same_location(path, source):
-                raise OutputError(
-                    f"{flag} {path} is also the input --{dest.replace('_', '-')}: refusing to write over an input; "
-                    f"choose another {flag}"
-                )
+        for written in out.paths(path):
+            for dest, source in given_inputs:
+                if fsio.same_location(written, source):
+                    what = path if written == path else f"{path} (it writes {written})"
+                    raise OutputError(
+                        f"{flag} {what} would overwrite the input --{dest.replace('_', '-')}; choose another {flag}, "
+                        "or copy the input elsewhere first"
+                    )
         if out.kind == "file":
             if out.suffixes and not path.lower().endswith(out.suffixes):
                 raise OutputError(f"{flag} {path}: expected a {' or '.join(out.suffixes)} file name")

@@ -25,7 +25,8 @@ from chexseg_dist.cli._args import Output, add_config_arguments, log_beside
 from chexseg_dist.core.console import say
 
 SPLITS = ("train", "valid", "test")
-OUTPUTS = (Output("out", "folder"),)
+INPUTS = ("config",)
+OUTPUTS = (Output("out", "folder", writes=("demo.log", "thresholds.json")),)
 
 
 def log_path(args: argparse.Namespace) -> str:
@@ -52,6 +53,8 @@ def _stage(title: str, argv: list[str], verbose: bool = False) -> None:
 def run(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
+    from chexseg_dist.core.ray_env import ray_session
+
     out = os.path.abspath(args.out)
     cfg_args = ["--preset", args.preset, *(["--config", args.config] if args.config else [])]
     for item in args.overrides:
@@ -68,33 +71,35 @@ def run(args: argparse.Namespace) -> int:
         stage(
             f"manifest ({split})", ["manifest", "--csv", f"{data}/{split}.csv", "--out", f"{manifests}/{split}.parquet"]
         )
-    stage(
-        "train the classifier",
-        [
-            "train-classifier",
-            "--train",
-            f"{manifests}/train.parquet",
-            "--valid",
-            f"{manifests}/valid.parquet",
-            "--out",
-            ckpt,
-            *cfg_args,
-        ],
-    )
-    for split in SPLITS:
+    # One Ray for the stages that use it (each command alone would start and stop its own).
+    with ray_session():
         stage(
-            f"pseudo-label ({split})",
+            "train the classifier",
             [
-                "pseudolabel",
-                "--manifest",
-                f"{manifests}/{split}.parquet",
-                "--checkpoint",
+                "train-classifier",
+                "--train",
+                f"{manifests}/train.parquet",
+                "--valid",
+                f"{manifests}/valid.parquet",
+                "--out",
                 ckpt,
-                "--store",
-                f"{maps}/{split}.zarr",
                 *cfg_args,
             ],
         )
+        for split in SPLITS:
+            stage(
+                f"pseudo-label ({split})",
+                [
+                    "pseudolabel",
+                    "--manifest",
+                    f"{manifests}/{split}.parquet",
+                    "--checkpoint",
+                    ckpt,
+                    "--store",
+                    f"{maps}/{split}.zarr",
+                    *cfg_args,
+                ],
+            )
     stage(
         "tune thresholds on valid",
         [

@@ -18,7 +18,7 @@ from chexseg_dist.cli._args import Output, add_config_arguments, load_command_co
 from chexseg_dist.core.console import say
 
 INPUTS = ("gt", "pred", "maps", "radiologist", "reference", "config")
-OUTPUTS = (Output("out", "folder"),)
+OUTPUTS = (Output("out", "folder", writes=("summary.json", "per_image.csv", "report.md", "miou.png", "config.yaml")),)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

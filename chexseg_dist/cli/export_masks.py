@@ -18,7 +18,7 @@ from chexseg_dist.core.console import say
 from chexseg_dist.core.registry import BINARIZERS
 
 INPUTS = ("store", "thresholds", "manifest", "config")
-OUTPUTS = (Output("out", "file", (".json",)),)
+OUTPUTS = (Output("out", "file", (".json",), writes=(".config.yaml",)),)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 from chexseg_dist.cli._args import check_paths
-from chexseg_dist.core.console import quiet_session
+from chexseg_dist.core.console import quiet_session, say_error
 from chexseg_dist.errors import ChexsegError
 
 #: name -> (module under chexseg_dist.cli, one-line summary)
@@ -89,13 +90,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     mod: ModuleType = args._module
     try:
         check_paths(args, getattr(mod, "INPUTS", ()), getattr(mod, "OUTPUTS", ()))
-        log = None if getattr(args, "verbose", True) else mod.log_path(args)
-        with quiet_session(log, verbose=bool(getattr(args, "verbose", False))):
+        with quiet_session(_log_path(mod, args)):
             return int(mod.run(args) or 0)
     except ChexsegError as exc:
         # Bad input or state: one clear line naming what is wrong, no traceback. Anything else keeps its traceback.
-        print(f"chexseg {args.command}: error: {exc}", file=sys.stderr)
+        say_error(f"chexseg {args.command}: error: {exc}")
         return 2
+
+
+def _log_path(mod: ModuleType, args: argparse.Namespace) -> str | None:
+    """Where a command that starts Ray logs Ray's output; None keeps it on the console.
+
+    Under ``ray job submit`` the job's own log is the place users read (``ray job logs``, the dashboard), and a file
+    on the head node would be lost with it: everything stays there, as with ``-v``.
+    """
+    if not hasattr(mod, "log_path") or args.verbose or os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        return None
+    return str(mod.log_path(args))
 
 
 if __name__ == "__main__":

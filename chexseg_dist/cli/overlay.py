@@ -13,7 +13,7 @@ from chexseg_dist.cli._args import Output, add_config_arguments, load_command_co
 from chexseg_dist.core.console import say
 
 INPUTS = ("store", "manifest", "gt", "thresholds", "config")
-OUTPUTS = (Output("out", "folder"),)
+OUTPUTS = (Output("out", "folder", writes=("config.yaml",)),)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

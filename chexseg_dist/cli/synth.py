@@ -18,7 +18,25 @@ import time
 from chexseg_dist.cli._args import Output, add_config_arguments, load_command_config
 from chexseg_dist.core.console import say
 
-OUTPUTS = (Output("out", "folder"),)
+INPUTS = ("config",)
+OUTPUTS = (
+    Output(
+        "out",
+        "folder",
+        writes=(
+            "train.csv",
+            "valid.csv",
+            "test.csv",
+            "phantom_meta.json",
+            "config.yaml",
+            "gt_segmentations_train.json",
+            "gt_segmentations_valid.json",
+            "gt_segmentations_test.json",
+            "gt_annotations_valid.json",
+            "gt_annotations_test.json",
+        ),
+    ),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_command_config("synth", args)
     start = time.perf_counter()
-    meta = generate(args.out, cfg.synth)
+    from chexseg_dist.core.console import Progress
+
+    total = cfg.synth.n_train + cfg.synth.n_valid + cfg.synth.n_test
+    meter = Progress("synth", total, unit="studies")
+    meta = generate(args.out, cfg.synth, progress=lambda done, _: meter.update(done))
     seconds = time.perf_counter() - start
     n_images = sum(s["rows"] for s in meta["splits"].values())
     save_config(cfg, args.out, extra={"command": "synth", "images": n_images, "seconds": round(seconds, 2)})

@@ -16,7 +16,21 @@ import argparse
 from chexseg_dist.cli._args import Output, add_config_arguments, load_command_config, log_beside
 
 INPUTS = ("train", "valid", "config")
-OUTPUTS = (Output("out", "folder"),)
+OUTPUTS = (
+    Output(
+        "out",
+        "folder",
+        writes=(
+            "model.pt",
+            "checkpoint.json",
+            "metrics.json",
+            "metrics.csv",
+            "config.yaml",
+            "failures.csv",
+            "train.log",
+        ),
+    ),
+)
 
 
 def log_path(args: argparse.Namespace) -> str:
@@ -31,10 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chexseg_dist.core.ray_env import ray_session
     from chexseg_dist.train import train_classifier
 
     cfg = load_command_config("train-classifier", args)
-    with ray_session():
-        train_classifier(cfg, args.train, args.valid, args.out)
+    train_classifier(cfg, args.train, args.valid, args.out)
     return 0

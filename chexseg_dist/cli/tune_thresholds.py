@@ -19,7 +19,7 @@ from chexseg_dist.cli._args import Output, add_config_arguments, load_command_co
 from chexseg_dist.core.console import say
 
 INPUTS = ("store", "gt", "manifest", "config")
-OUTPUTS = (Output("out", "file", (".json",)),)
+OUTPUTS = (Output("out", "file", (".json",), writes=(".config.yaml",)),)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

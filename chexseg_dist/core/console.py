@@ -24,30 +24,44 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO, Any
 
 #: Loggers whose warnings concern the user's data and therefore reach the console even in a quiet session.
 PROJECT_LOGGER = "chexseg_dist"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-_console: IO[str] | None = None  # where say() writes while a quiet session redirects stdout
-_log_path: str | None = None
-_pending: str | None = None  # the log of the session in effect, before and while it redirects
-_saved: tuple[int, int] | None = None  # the original stdout and stderr file descriptors
-_previous_handlers: list[logging.Handler] | None = None
+
+@dataclass
+class _Session:
+    """The quiet session in effect: its log, and, once redirecting, the saved descriptors and logging state."""
+
+    log: str
+    console: IO[str] | None = None  # where say() writes while fds 1 and 2 point at the log
+    errors: IO[str] | None = None  # where error lines go meanwhile (the original stderr)
+    owns_streams: bool = False  # console/errors were opened here (and are closed at the end)
+    saved: tuple[int, int] | None = None  # duplicates of the original fds 1 and 2
+    sys_streams: tuple[Any, Any] | None = None  # the sys.stdout / sys.stderr objects in place before
+    logging_state: tuple[list[logging.Handler], int, bool] | None = None
+
+
+_session: _Session | None = None
 
 
 def say(line: str = "") -> None:
-    """Print one line for the user (on the console even inside a quiet session) and record it in the log."""
-    stream = _console if _console is not None else sys.stdout
-    print(line, file=stream, flush=True)
-    if _console is not None:
+    """Print one line for the user (on the console even while Ray's output goes to the log) and log it."""
+    console = _session.console if _session is not None else None
+    print(line, file=console or sys.stdout, flush=True)
+    if console is not None:
         logging.getLogger(PROJECT_LOGGER).info(line)
 
 
-def log_path() -> str | None:
-    """The log file of the current quiet session, or None outside one (or in verbose mode)."""
-    return _log_path
+def say_error(line: str) -> None:
+    """Print an error line on the console's standard error (even while fds 1 and 2 point at the log)."""
+    errors = _session.errors if _session is not None else None
+    print(line, file=errors or sys.stderr, flush=True)
+    if errors is not None:
+        logging.getLogger(PROJECT_LOGGER).error(line)
 
 
 def rate_eta(done: int, total: int, elapsed: float) -> str:
@@ -68,9 +82,27 @@ def format_seconds(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def _is_stdout_fd(stream: Any) -> bool:
+class Progress:
+    """A progress line every ``interval_s`` seconds while a long loop runs: done/total, rate and ETA.
+
+    Call :meth:`update` with the running count (cheap: it prints only when the interval has passed).
+    """
+
+    def __init__(self, label: str, total: int, interval_s: float = 10.0, unit: str = "images") -> None:
+        self.label, self.total, self.interval_s, self.unit = label, total, interval_s, unit
+        self._start = time.perf_counter()
+        self._next = self._start + interval_s
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now >= self._next and done < self.total:
+            self._next = now + self.interval_s
+            say(f"{self.label}: {done}/{self.total} {self.unit}, {rate_eta(done, self.total, now - self._start)}")
+
+
+def _is_fd(stream: Any, fd: int) -> bool:
     try:
-        return os.path.samestat(os.fstat(stream.fileno()), os.fstat(1))
+        return os.path.samestat(os.fstat(stream.fileno()), os.fstat(fd))
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return False
 
@@ -81,78 +113,107 @@ def quiet_session(path: str | None, verbose: bool = False) -> Iterator[None]:
 
     The redirection starts only when noisy work starts (Ray, through
     :func:`~chexseg_dist.core.ray_env.ensure_ray`), so a command refused for bad input leaves no log file behind
-    and prints nothing but its error line.
+    and prints nothing but its error line. Nested sessions (a command run by another, as in the demo) use the
+    outer one's log. On leaving the block, the descriptors, ``sys`` streams and logging set-up are restored
+    whatever happened inside.
 
     Args:
         path: a local log file (appended to; its folder is created on :func:`begin_quiet`); None: no log.
-        verbose: keep all output on the console (only configures logging).
+        verbose: keep everything on the console (no log, nothing reconfigured).
     """
-    global _pending
-    if _pending is not None or _console is not None:  # an enclosing session (the demo's) decides
+    global _session
+    if _session is not None or verbose or path is None:
         yield
         return
-    if verbose or path is None:
-        _configure_logging(None)
-        yield
-        return
-    _pending = os.path.abspath(path)
+    _session = _Session(log=os.path.abspath(path))
     try:
         yield
     finally:
-        _end_quiet()
-        _pending = None
+        try:
+            _end_quiet(_session)
+        finally:
+            _session = None
 
 
 def begin_quiet() -> str | None:
-    """Start redirecting the process's output to the pending session's log (no-op outside one, or if started).
+    """Start sending the process's output to the session's log (no-op outside a session, or if started).
 
     Returns:
         The log path, when this call started the redirection.
     """
-    global _console, _log_path, _saved, _previous_handlers
-    if _pending is None or _console is not None:
+    session = _session
+    if session is None or session.saved is not None:
         return None
-    os.makedirs(os.path.dirname(_pending) or ".", exist_ok=True)
+    os.makedirs(os.path.dirname(session.log) or ".", exist_ok=True)
+    log_fd = os.open(session.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
-    log_fd = os.open(_pending, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    _saved = (os.dup(1), os.dup(2))
-    # The console: the original stdout, unless sys.stdout is not fd 1 (e.g. a test's capture object).
-    console: IO[str] = (
-        os.fdopen(os.dup(_saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")
-        if _is_stdout_fd(sys.stdout)
-        else sys.stdout
-    )
-    _previous_handlers = _configure_logging(console)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
-    _console, _log_path = console, _pending
-    say(f"(Ray's and the libraries' output goes to {_pending}; -v shows it here)")
-    return _pending
+    try:
+        session.saved = (os.dup(1), os.dup(2))
+        # The console: the original descriptors, unless sys.stdout / sys.stderr are not them (a test's capture).
+        session.owns_streams = _is_fd(sys.stdout, 1)
+        if session.owns_streams:
+            session.console = _reopen(session.saved[0])
+            session.errors = _reopen(session.saved[1])
+        else:
+            session.console, session.errors = sys.stdout, sys.stderr
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        # Python-level writes follow the descriptors (sys.stdout may be something else, e.g. a test's capture).
+        session.sys_streams = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = _reopen(1), _reopen(2)
+        session.logging_state = _configure_logging(session.console)
+    except BaseException:
+        _end_quiet(session)
+        raise
+    finally:
+        os.close(log_fd)
+    say(f"(Ray's and the libraries' output goes to {session.log}; -v shows it here)")
+    return session.log
 
 
-def _end_quiet() -> None:
-    global _console, _log_path, _saved, _previous_handlers
-    if _console is None or _saved is None:
+def _end_quiet(session: _Session) -> None:
+    """Undo :func:`begin_quiet`, as far as it got: logging, then the ``sys`` streams, then the descriptors."""
+    if session.saved is None:
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(_saved[0], 1)
-    os.dup2(_saved[1], 2)
-    for fd in _saved:
+    if session.logging_state is not None:
+        _restore_logging(session.logging_state)
+        session.logging_state = None
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    if session.sys_streams is not None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.close()
+        sys.stdout, sys.stderr = session.sys_streams
+        session.sys_streams = None
+    os.dup2(session.saved[0], 1)
+    os.dup2(session.saved[1], 2)
+    for fd in session.saved:
         os.close(fd)
-    _restore_logging(_previous_handlers or [])
-    if _console is not sys.stdout:
-        _console.close()
-    _console, _log_path, _saved, _previous_handlers = None, None, None, None
+    session.saved = None
+    if session.owns_streams:
+        for stream in (session.console, session.errors):
+            if stream is not None:
+                stream.close()
+    session.console = session.errors = None
 
 
-def _configure_logging(console: IO[str] | None) -> list[logging.Handler]:
-    """Root logger -> stderr (the log file in a quiet session); project warnings also -> the console."""
+def _reopen(fd: int) -> IO[str]:
+    return os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")
+
+
+def _configure_logging(console: IO[str] | None) -> tuple[list[logging.Handler], int, bool]:
+    """Root logger -> stderr (the log file once redirected); project warnings also -> the console.
+
+    Returns:
+        What :func:`_restore_logging` needs: the root's previous handlers and level, and whether warnings were
+        captured.
+    """
     root = logging.getLogger()
-    previous = list(root.handlers)
-    for handler in previous:
+    state = (list(root.handlers), root.level, _warnings_captured())
+    for handler in state[0]:
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -163,22 +224,31 @@ def _configure_logging(console: IO[str] | None) -> list[logging.Handler]:
         user = logging.StreamHandler(console)
         user.setLevel(logging.WARNING)
         user.setFormatter(logging.Formatter("warning: %(message)s"))
-        user.set_name("chexseg-console")
+        user.set_name(_CONSOLE_HANDLER)
         logging.getLogger(PROJECT_LOGGER).addHandler(user)
-    return previous
+    return state
 
 
-def _restore_logging(previous: list[logging.Handler]) -> None:
+def _restore_logging(state: tuple[list[logging.Handler], int, bool]) -> None:
+    handlers, level, captured = state
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    for handler in previous:
+    for handler in handlers:
         root.addHandler(handler)
+    root.setLevel(level)
     project = logging.getLogger(PROJECT_LOGGER)
     for handler in list(project.handlers):
-        if handler.get_name() == "chexseg-console":
+        if handler.get_name() == _CONSOLE_HANDLER:
             project.removeHandler(handler)
-    logging.captureWarnings(False)
+    logging.captureWarnings(captured)
+
+
+def _warnings_captured() -> bool:
+    return bool(getattr(logging, "_warnings_showwarning", None) is not None)
+
+
+_CONSOLE_HANDLER = "chexseg-console"
 
 
 class Relay:

@@ -10,6 +10,7 @@ and must never be pickled into a worker.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import posixpath
 import uuid
@@ -60,8 +61,8 @@ def open_file(path: str, mode: str = "rb", **kwargs: Any) -> AbstractContextMana
     an upload becomes visible only once complete. A reader, or a command that failed half-way, never leaves a
     half-written output. Parent directories are created when writing locally.
     """
-    if "w" in mode and not is_uri(path):
-        return _atomic_local(_local(path), mode, **kwargs)
+    if "w" in mode:
+        return _atomic_remote(path, mode, **kwargs) if is_uri(path) else _atomic_local(_local(path), mode, **kwargs)
     if "a" in mode and not is_uri(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     return fsspec.open(path, mode, **kwargs).open()  # type: ignore[no-any-return]
@@ -69,6 +70,19 @@ def open_file(path: str, mode: str = "rb", **kwargs: Any) -> AbstractContextMana
 
 def _local(path: str) -> str:
     return path[len("file://") :] if path.startswith("file://") else path
+
+
+@contextlib.contextmanager
+def _atomic_remote(path: str, mode: str, **kwargs: Any) -> Iterator[IO[Any]]:
+    """Object stores: buffer the data and upload them in one call once the block completes (nothing on failure).
+
+    An fsspec file object would upload what it holds when the block's exception closes it: half a file.
+    """
+    buffer: io.BytesIO | io.StringIO = io.BytesIO() if "b" in mode else io.StringIO(newline=kwargs.get("newline"))
+    yield buffer
+    data = buffer.getvalue()
+    fs, inner = filesystem(path)
+    fs.pipe_file(inner, data if isinstance(data, bytes) else data.encode(kwargs.get("encoding") or "utf-8"))
 
 
 @contextlib.contextmanager

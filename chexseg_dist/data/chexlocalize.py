@@ -15,8 +15,8 @@ Formats (see the CheXlocalize benchmark, Saporta et al. 2022):
 - Radiologist points: ``{id: {pathology: [[x, y], ...]}}``.
 
 Pathology keys are normalised to the CheXlocalize spelling (``"Lung Opacity"`` is read as ``"Airspace Opacity"``).
-Every reader and writer takes local paths or URIs (``s3://...``) through :mod:`chexseg_dist.core.fsio`; writers publish a
-file only once it is complete (temporary name and rename locally, one PUT on object stores).
+Every reader and writer takes local paths or URIs (``s3://...``) through :mod:`chexseg_dist.core.fsio`; writers
+publish a file only once it is complete (temporary name and rename locally, one PUT on object stores).
 """
 
 from __future__ import annotations

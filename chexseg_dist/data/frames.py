@@ -16,6 +16,7 @@ inside the task, never pickled into it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,8 +28,7 @@ from chexseg_dist.data.failures import append_failure_table, failure_table
 from chexseg_dist.data.images import frame_from_bytes
 from chexseg_dist.errors import ImageDecodeError
 
-#: Columns added to every batch (besides the passed-through input columns).
-FRAME_COLUMNS: tuple[str, ...] = ("frame", "letterbox", "stage", "error", "time")
+log = logging.getLogger(__name__)
 
 
 def fetch_bytes(paths: Sequence[str]) -> list[bytes | BaseException]:
@@ -126,5 +126,8 @@ def decode_frames(
     failed = out["stage"] != ""
     if failed.any() and failures_dir is not None:
         records = {k: out[k][failed] for k in ("image_id", "path", "row", "stage", "error", "time")}
-        append_failure_table(failures_dir, failure_table(records, run_id))
+        try:
+            append_failure_table(failures_dir, failure_table(records, run_id))
+        except Exception:  # Recording a failure must not become one: the task goes on, the worker log keeps it.
+            log.exception("could not record %d failed image(s) in %s: %s", int(failed.sum()), failures_dir, records)
     return {k: v[~failed] for k, v in out.items()}

@@ -158,7 +158,7 @@ def write_overlays(
     """One overlay PNG per image id, ``<out_dir>/<image_id>.png``; returns the written paths.
 
     Raises:
-        KeyError / ValueError: ids missing from the store, the manifest or the ground truth, naming them.
+        ChexsegError: ids missing from the store, the manifest or the ground truth, naming them.
     """
     from chexseg_dist.core.fsio import join, makedirs
     from chexseg_dist.data.chexlocalize import decode_mask, read_segmentations

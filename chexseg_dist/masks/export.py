@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
+from chexseg_dist.config import MasksConfig
 from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.parallel import process_map
 from chexseg_dist.core.pathologies import TASKS
 from chexseg_dist.errors import InputError
 from chexseg_dist.masks.gating import manifest_labels
 from chexseg_dist.masks.maker import MaskMaker
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------- export
 #: Below this many original-resolution pixels in total, export and tuning run in the calling process.
@@ -30,7 +34,7 @@ def _export_job(job: tuple[MaskMaker, str, np.ndarray, tuple[int, int, int], np.
 def export_masks(
     store_uri: str,
     out: str,
-    cfg: Any,
+    cfg: MasksConfig,
     manifest: str | None = None,
     skip_missing: bool = False,
     workers: int | None = None,
@@ -49,10 +53,8 @@ def export_masks(
         The number of images written.
 
     Raises:
-        ValueError: images without maps (unless ``skip_missing``), or label gating without a manifest.
+        InputError: images without maps (unless ``skip_missing``), or label gating without a manifest.
     """
-    import warnings
-
     from chexseg_dist.data.chexlocalize import write_segmentations
     from chexseg_dist.store.mapstore import MapStore
 
@@ -66,7 +68,7 @@ def export_masks(
         msg = f"map store {store_uri}: {len(missing)} of {store.n} images have no maps (e.g. {missing[:5]})"
         if not skip_missing:
             raise InputError(msg + "; re-run chexseg pseudolabel, or pass --skip-missing to leave them out")
-        warnings.warn(msg + "; leaving them out of the predictions (--skip-missing)", stacklevel=2)
+        log.warning(msg + "; leaving them out of the predictions (--skip-missing)")
     labels = None
     if maker.label_gating:
         assert manifest is not None

@@ -63,7 +63,10 @@ class TunedThresholds:
             missing = [t for t in TASKS if t not in section]
             if missing:
                 raise InputError(f"{path}: {key!r} lacks pathologies {missing}")
-            arr = np.asarray([section[t] for t in TASKS], dtype=np.float64)
+            try:
+                arr = np.asarray([section[t] for t in TASKS], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: {key!r} values must be numbers in [0, 1], got {section!r:.200}") from None
             if not np.all(np.isfinite(arr) & (arr >= 0) & (arr <= 1)):
                 raise InputError(f"{path}: {key!r} values must be numbers in [0, 1], got {arr.tolist()}")
             values.append(arr)

@@ -46,6 +46,7 @@ from chexseg_dist.masks.export import IN_PROCESS_PIXELS
 from chexseg_dist.masks.gating import gate, task_values
 from chexseg_dist.masks.maps import is_constant, map_extrema, map_range
 from chexseg_dist.masks.thresholds import TunedThresholds
+from chexseg_dist.metrics.segmentation import kept_pairs, pair_iou
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,8 @@ class TuningTable:
     grid: np.ndarray
 
     def iou(self) -> np.ndarray:
-        """``[N, 10, K + 1]`` IoU (0 where the union is empty; use with :meth:`kept`)."""
-        union = self.gt_area[:, :, None] + self.pred - self.inter
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(union > 0, self.inter / np.maximum(union, 1), 0.0)
+        """``[N, 10, K + 1]`` IoU (0 where the union is empty)."""
+        return pair_iou(self.inter, self.gt_area[:, :, None], self.pred, empty=0.0)
 
     def miou_curve(self, mode: str, cutoff_keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """mIoU per pathology and threshold, ``([10, K + 1]`` mIoU (NaN where no pair is kept), ``[10, K + 1]`` n).
@@ -179,11 +178,10 @@ class TuningTable:
             mode: ``tp_only`` or ``full``.
             cutoff_keep: optional ``[N, 10]`` bool: predictions emptied where False.
         """
-        gt = (self.gt_area > 0)[:, :, None]
         nonempty = self.pred > 0
         if cutoff_keep is not None:
             nonempty = nonempty & cutoff_keep[:, :, None]
-        kept = (gt & nonempty) if mode == "tp_only" else (gt | nonempty)
+        kept = kept_pairs(self.gt_area[:, :, None], nonempty, mode)
         iou = np.where(nonempty, self.iou(), 0.0)
         n = kept.sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):

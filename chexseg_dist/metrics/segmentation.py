@@ -77,15 +77,26 @@ class PairStats:
 
     def iou(self) -> np.ndarray:
         """``[N, 10]`` float64 IoU; NaN where both masks are empty."""
-        union = self.union
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(union > 0, self.inter / np.maximum(union, 1), np.nan)
+        return pair_iou(self.inter, self.gt_area, self.pred_area)
 
     def kept(self, mode: str) -> np.ndarray:
         """``[N, 10]`` bool: the pairs that count for mIoU in ``mode`` (``tp_only`` or ``full``)."""
-        check_mode(mode)
-        gt, pred = self.gt_area > 0, self.pred_area > 0
-        return (gt & pred) if mode == "tp_only" else (gt | pred)
+        return kept_pairs(self.gt_area, self.pred_area, mode)
+
+
+def pair_iou(inter: np.ndarray, gt_area: np.ndarray, pred_area: np.ndarray, empty: float = np.nan) -> np.ndarray:
+    """IoU of (image, pathology) pairs from their areas (any broadcastable shapes); ``empty`` where both are empty."""
+    union = gt_area + pred_area - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / np.maximum(union, 1), empty)
+
+
+def kept_pairs(gt_area: np.ndarray, pred_area: np.ndarray, mode: str) -> np.ndarray:
+    """Which pairs count towards mIoU (any broadcastable shapes): both masks non-empty in ``tp_only``, at least one
+    in ``full``; both-empty pairs never count."""
+    check_mode(mode)
+    gt, pred = np.asarray(gt_area) > 0, np.asarray(pred_area) > 0
+    return (gt & pred) if mode == "tp_only" else (gt | pred)
 
 
 def check_mode(mode: str) -> None:

@@ -89,7 +89,7 @@ def run_pseudolabel(
             "config": cfg.to_dict(),
             **{k: info[k] for k in ("arch", "target_layer", "image_size")},
         },
-        grid_shape=lambda: grid,
+        grid_shape=grid,
         images_per_chunk=pl.images_per_chunk,
         mismatch=lambda key, stored, wanted, attrs: _mismatch(
             key, stored, wanted, attrs, manifest, ckpts, images.num_rows

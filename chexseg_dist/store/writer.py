@@ -57,7 +57,7 @@ class StoreSpec:
         identity: attributes a resumed store must hold unchanged (fingerprints of the inputs that decide what a
             slot means and what was computed for it); recorded at creation.
         attrs: further attributes recorded at creation (descriptive).
-        grid_shape: ``() -> (gh, gw)`` of the maps, called only when the store is created.
+        grid_shape: ``(gh, gw)`` of the maps (a new store's shape; a resumed store keeps its own).
         images_per_chunk: chunk size along the image axis.
         mismatch: ``(key, stored, wanted, store attrs) -> message`` explaining an identity mismatch and its fix.
     """
@@ -65,7 +65,7 @@ class StoreSpec:
     image_ids: Sequence[str]
     rows: np.ndarray
     identity: Mapping[str, Any]
-    grid_shape: Callable[[], tuple[int, int]]
+    grid_shape: tuple[int, int]
     images_per_chunk: int
     attrs: Mapping[str, Any] = field(default_factory=dict)
     mismatch: Callable[[str, Any, Any, Mapping[str, Any]], str] | None = None
@@ -162,7 +162,7 @@ class StoreWriter:
         if overwrite:
             for path in (staging_path(self.uri), failures_path(self.uri)):
                 fsio.remove(path, recursive=True)
-        grid = spec.grid_shape()
+        grid = spec.grid_shape
         store = MapStore.create(
             self.uri,
             spec.image_ids,

@@ -15,7 +15,7 @@ import io
 import json
 import math
 import multiprocessing
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -189,7 +189,12 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def _write_split(
-    out_dir: str, split: str, jobs: list[_Job], results: Generator[_Result, None, None], train_masks: bool
+    out_dir: str,
+    split: str,
+    jobs: list[_Job],
+    results: Generator[_Result, None, None],
+    train_masks: bool,
+    progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write one split's images, CSV and ground truth from the next ``len(jobs)`` results; return its summary."""
     frontal_rows: list[list[str]] = []
@@ -211,6 +216,8 @@ def _write_split(
             segs[res.image_id] = res.segmentation
         if res.polygons is not None:
             polys[res.image_id] = {"img_size": list(res.size), **res.polygons}
+        if progress is not None:
+            progress()
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_HEADER)
@@ -232,7 +239,7 @@ def _write_split(
     }
 
 
-def generate(out_dir: str, cfg: SynthConfig) -> dict[str, Any]:
+def generate(out_dir: str, cfg: SynthConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Write a phantom CheXpert tree with CheXlocalize ground truth under ``out_dir``.
 
     Writes (paths relative to ``out_dir``): ``train.csv``, ``valid.csv``, ``test.csv`` (exactly CSV_HEADER; Path
@@ -244,6 +251,7 @@ def generate(out_dir: str, cfg: SynthConfig) -> dict[str, Any]:
     Args:
         out_dir: local directory or fsspec URI.
         cfg: the generator settings; the same settings give byte-identical files whatever ``cfg.workers``.
+        progress: called with ``(studies written, total)`` after each study (progress lines; no effect on output).
 
     Returns:
         The contents of ``phantom_meta.json``: generator version, seed, settings, counts and per-split label
@@ -264,10 +272,18 @@ def generate(out_dir: str, cfg: SynthConfig) -> dict[str, Any]:
     }
     meta["config"].pop("workers")  # an execution detail: the output does not depend on it
     # One pool for all splits (spawning workers costs seconds); results arrive in job order.
-    results = _run_jobs([job for split in SPLITS for job in layouts[split]], cfg.workers)
+    jobs = [job for split in SPLITS for job in layouts[split]]
+    results = _run_jobs(jobs, cfg.workers)
+    written = [0]
+
+    def one_more() -> None:
+        written[0] += 1
+        if progress is not None:
+            progress(written[0], len(jobs))
+
     try:
         for split in SPLITS:
-            meta["splits"][split] = _write_split(out_dir, split, layouts[split], results, cfg.train_masks)
+            meta["splits"][split] = _write_split(out_dir, split, layouts[split], results, cfg.train_masks, one_more)
     finally:
         results.close()  # stops the worker pool even if writing failed
     _write(out_dir, "phantom_meta.json", _json_bytes(meta))

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from chexseg_dist.core import fsio
 from chexseg_dist.core.console import Relay, format_seconds, relay_say, say
+from chexseg_dist.core.ray_env import ray_session
 from chexseg_dist.errors import ChexsegError, TrainingError
 
 STATE_FILE = "state.pt"
@@ -108,6 +109,10 @@ class TrainTask(ABC):
     loop: LoopSettings
 
     # ---------------------------------------------------------------- driver
+    @abstractmethod
+    def prepare(self) -> None:
+        """Read and check the inputs before Ray starts (a refused run then leaves nothing behind)."""
+
     @abstractmethod
     def datasets(self) -> dict[str, Any]:
         """The Ray datasets by name; ``train`` is split across workers, the others are not."""
@@ -341,7 +346,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
             continue
         metrics["epoch_time_s"] = time.perf_counter() - t0
         history.append(metrics)
-        wctx.say(f"[{task.name}] " + task.epoch_line(epoch, metrics))
+        left = loop.epochs - epoch - 1
+        eta = f"; run ETA {format_seconds(left * metrics['epoch_time_s'])}" if left else ""
+        wctx.say(f"[{task.name}] " + task.epoch_line(epoch, metrics) + eta)
         state = {
             "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
             "optimizer": optimizer.state_dict(),
@@ -362,68 +369,83 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
 
 def _user_error(err: BaseException) -> ChexsegError | None:
-    """The first ChexsegError in an exception's chain (Ray wraps what a worker raised)."""
-    seen = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
+    """The first ChexsegError a worker raised, found inside Ray's wrappers.
+
+    Ray Train V2 raises a ``WorkerGroupError`` holding each failed rank's exception in ``worker_failures`` (or a
+    ``ControllerError`` with ``controller_failure``); Ray core wraps task errors in ``RayTaskError`` (``cause``).
+    """
+    seen: set[int] = set()
+    todo: list[BaseException] = [err]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
         if isinstance(current, ChexsegError):
             return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        inner = [current.__cause__, current.__context__, getattr(current, "cause", None)]
+        inner.append(getattr(current, "controller_failure", None))
+        inner += list((getattr(current, "worker_failures", None) or {}).values())
+        todo += [e for e in inner if isinstance(e, BaseException)]
     return None
 
 
 def fit(task: TrainTask, out: str, *, fault: FaultInjection | None = None, default_name: str = "run") -> TrainResult:
     """Train ``task`` with Ray Train and export its best epoch into ``out``.
 
-    Ray must already be initialised. Re-running with the same ``out`` (or run name and storage path) resumes the run
-    at its next epoch; a run that already finished every epoch only re-exports ``out``.
+    Checks the task's inputs first (:meth:`TrainTask.prepare`), then starts Ray unless it runs. Re-running with the
+    same ``out`` (or run name and storage path) resumes the run at its next epoch; a run that already finished every
+    epoch only re-exports ``out``.
 
     Raises:
         ChexsegError: bad input or state raised inside a worker (unwrapped from Ray's error), or a resumed run of
             another identity.
         RuntimeError: training failed after ``max_failures`` retries (the Ray error is chained).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    task.prepare()
+    with ray_session():
+        return _fit(task, out, fault or FaultInjection.from_env(), default_name)
 
-    loop = task.loop
-    fault = fault or FaultInjection.from_env()
-    storage, run_name = resolve_run(loop, out, default_name)
+
+def check_resumable(task: TrainTask, storage: str, run_name: str) -> None:
+    """Refuse, on the driver and before any worker starts, to resume a run that trained another model.
+
+    The run's newest ``epoch_*`` checkpoint holds the identity it was trained with (the workers check it again).
+
+    Raises:
+        TrainingError: naming both identities and the fix.
+    """
+    run = fsio.join(storage, run_name)
+    fs, inner = fsio.filesystem(run)
+    try:
+        names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False)]
+    except FileNotFoundError:
+        return
+    epochs = sorted(n for n in names if n.startswith("epoch_"))
+    if not epochs:
+        return
+    try:
+        with fs.open(f"{inner.rstrip('/')}/{epochs[-1]}/{STATE_FILE}", "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return  # an epoch Ray has not finished writing: the workers decide
+    if state.get("identity") != task.identity():
+        raise TrainingError(
+            f"run {run} holds {state.get('identity')}; this config asks for {task.identity()}: set the run name "
+            "(or another --out) to start a new run"
+        )
+
+
+def _fit(task: TrainTask, out: str, fault: FaultInjection | None, default_name: str) -> TrainResult:
+    storage, run_name = resolve_run(task.loop, out, default_name)
+    check_resumable(task, storage, run_name)
     invocation = uuid.uuid4().hex
     datasets = task.datasets()
     say(f"[{task.name}] {task.describe()}; run {run_name!r} in {storage}")
-    resources = {"CPU": loop.cpus_per_worker}
-    if loop.use_gpu:
-        resources["GPU"] = 1.0
     relay = Relay()
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={
-            "task": task,
-            "datasets": list(datasets),
-            "run": f"{storage}/{run_name}",
-            "invocation": invocation,
-            "fault": None if fault is None else {"marker": fault.marker, "epoch": fault.epoch},
-            "relay": relay.handle,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=loop.num_workers, use_gpu=loop.use_gpu, resources_per_worker=resources
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=loop.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=loop.num_to_keep, checkpoint_score_attribute="score", checkpoint_score_order="max"
-            ),
-        ),
-    )
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = _train(task, datasets, storage, run_name, invocation, fault, relay)
     except Exception as err:
         user = _user_error(err)
         if user is not None:
@@ -463,3 +485,47 @@ def fit(task: TrainTask, out: str, *, fault: FaultInjection | None = None, defau
         run_name=run_name,
         files=files,
     )
+
+
+def _train(
+    task: TrainTask,
+    datasets: dict[str, Any],
+    storage: str,
+    run_name: str,
+    invocation: str,
+    fault: FaultInjection | None,
+    relay: Relay,
+) -> Any:
+    """Build the TorchTrainer and run it; returns Ray Train's ``Result``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    loop = task.loop
+    resources = {"CPU": loop.cpus_per_worker}
+    if loop.use_gpu:
+        resources["GPU"] = 1.0
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "task": task,
+            "datasets": list(datasets),
+            "run": f"{storage}/{run_name}",
+            "invocation": invocation,
+            "fault": None if fault is None else {"marker": fault.marker, "epoch": fault.epoch},
+            "relay": relay.handle,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=loop.num_workers, use_gpu=loop.use_gpu, resources_per_worker=resources
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=loop.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=loop.num_to_keep, checkpoint_score_attribute="score", checkpoint_score_order="max"
+            ),
+        ),
+    )
+    return trainer.fit()

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chexseg_dist.config import Config, save_config
+from chexseg_dist.config import Config, TrainClassifierConfig, save_config
 from chexseg_dist.core import fsio
 from chexseg_dist.core.console import say
 from chexseg_dist.core.pathologies import OBSERVATIONS
@@ -84,7 +84,7 @@ def label_targets(batch: dict[str, np.ndarray], *, uncertain_policy: str, blank_
     return {"image": np.asarray(batch["frame"], dtype=np.uint8), "targets": targets, "mask": mask}
 
 
-def read_label_table(manifest: str, cfg: Config, what: str) -> pa.Table:
+def read_label_table(manifest: str, tc: TrainClassifierConfig, what: str) -> pa.Table:
     """Read a manifest, keep frontal views if configured, validate its labels and paths.
 
     Returns:
@@ -94,7 +94,6 @@ def read_label_table(manifest: str, cfg: Config, what: str) -> pa.Table:
         ManifestError: missing columns, no usable rows, or a label cell that is not 1/0/-1/blank (naming the manifest
             and row); InputNotFoundError: the manifest, or none of a few sampled images, exists.
     """
-    tc = cfg.train_classifier
     table = read_manifest(manifest)
     views = select_views(table, tc.frontal_only)
     if note := views.note(f"train-classifier: {what} manifest {manifest}"):
@@ -121,7 +120,8 @@ class ClassifierTask(TrainTask):
     Args:
         cfg: the resolved config (``classifier`` and ``train_classifier`` sections).
         train_manifest, valid_manifest: Parquet manifests.
-        failures_dir: where the decode stage records images it left out (shared storage on a cluster).
+        failures_dir: where the decode stage records images it left out, one folder per split (shared storage on a
+            cluster): ``<failures_dir>/train`` and ``<failures_dir>/valid``.
         run_id: recorded with those failures.
     """
 
@@ -135,19 +135,28 @@ class ClassifierTask(TrainTask):
         self.train_manifest, self.valid_manifest = train_manifest, valid_manifest
         self.failures_dir, self.run_id = failures_dir, run_id
         self.n_train = self.n_valid = 0
+        self._tables: dict[str, pa.Table] = {}
 
     # ---------------------------------------------------------------- driver
+    def prepare(self) -> None:
+        """Read and check both manifests (labels, views, paths) before Ray starts: bad input fails fast."""
+        self._tables = {
+            "train": read_label_table(self.train_manifest, self.tc, "train"),
+            "valid": read_label_table(self.valid_manifest, self.tc, "valid"),
+        }
+        self.n_train, self.n_valid = self._tables["train"].num_rows, self._tables["valid"].num_rows
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_tables", None)  # the manifests travel to the workers as Ray datasets, not with the task
+        return state
+
     def datasets(self) -> dict[str, Any]:
         import ray.data
 
         tc = self.tc
         out: dict[str, Any] = {}
-        for manifest, what in ((self.train_manifest, "train"), (self.valid_manifest, "valid")):
-            table = read_label_table(manifest, self.cfg, what)
-            if what == "train":
-                self.n_train = table.num_rows
-            else:
-                self.n_valid = table.num_rows
+        for what, table in self._tables.items():
             blocks = [table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)]
             ds: Any = ray.data.from_arrow(blocks)
             if what == "train":
@@ -157,7 +166,7 @@ class ClassifierTask(TrainTask):
                 fn_kwargs={
                     "image_size": self.image_size,
                     "keep_failed": False,
-                    "failures_dir": self.failures_dir,
+                    "failures_dir": fsio.join(self.failures_dir, what),
                     "run_id": self.run_id,
                 },
                 batch_format="numpy",
@@ -260,9 +269,18 @@ def score_classifier(model: nn.Module, shard: Any, batch_size: int, device: torc
     return metrics
 
 
-def _count_failures(directory: str) -> int:
-    table = read_failure_tables(directory)
-    return 0 if table is None else latest_per_image(table).num_rows
+def read_run_failures(failures_dir: str) -> list[dict[str, Any]]:
+    """The images a run left out, one record per image (its latest): ``split, row, image_id, path, stage, error``."""
+    records: list[dict[str, Any]] = []
+    for split in ("train", "valid"):  # rows are per manifest: one table per split, never mixed
+        table = read_failure_tables(fsio.join(failures_dir, split))
+        if table is not None:
+            records += [{"split": split, **r} for r in latest_per_image(table).to_pylist()]
+    return records
+
+
+def _count_failures(failures_dir: str) -> int:
+    return len(read_run_failures(failures_dir))
 
 
 def train_classifier(
@@ -276,9 +294,10 @@ def train_classifier(
 ) -> TrainResult:
     """Train the classifier with Ray Train and write the best epoch as a pipeline checkpoint into ``out``.
 
-    Ray must already be initialised (``ray.init()``; the command and job do it). Re-running with the same
-    ``out`` (or the same ``train_classifier.run_name`` and ``storage_path``) resumes the run at its next epoch;
-    a run that already finished all epochs only re-exports ``out``.
+    Starts a local Ray (or attaches to the cluster, under ``ray job submit``) unless Ray is running, once the
+    manifests have been checked. Re-running with the same ``out`` (or the same ``train_classifier.run_name`` and
+    ``storage_path``) resumes the run at its next epoch; a run that already finished all epochs only re-exports
+    ``out``.
 
     Args:
         cfg: the resolved configuration (``classifier`` and ``train_classifier`` sections are used).
@@ -315,7 +334,7 @@ def export_classifier(
     failures_dir: str | None = None,
 ) -> dict[str, str]:
     """Write the pipeline checkpoint (best epoch) plus ``metrics.json``, ``metrics.csv``, ``config.yaml`` and, when
-    images were left out, ``failures.csv`` (one line per image: row, image id, path, stage, reason).
+    images were left out, ``failures.csv`` (one line per image: split, row, image id, path, stage, reason).
 
     Returns:
         ``{"checkpoint", "metrics_json", "metrics_csv", "config"[, "failures"]}`` paths.
@@ -345,14 +364,14 @@ def export_classifier(
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
-    failures = read_failure_tables(failures_dir) if failures_dir else None
-    if failures is not None:
+    failures = read_run_failures(failures_dir) if failures_dir else []
+    if failures:
         files["failures"] = fsio.join(out, FAILURES_CSV)
-        latest = latest_per_image(failures).to_pylist()
-        with fsio.open_file(files["failures"], "w") as f:
-            writer = csv.DictWriter(f, fieldnames=["row", "image_id", "path", "stage", "error"], extrasaction="ignore")
+        with fsio.open_file(files["failures"], "w", newline="") as f:
+            fields = ["split", "row", "image_id", "path", "stage", "error"]
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(latest)
+            writer.writerows(failures)
     files["config"] = save_config(cfg, out, extra=extra)
     return files
 

@@ -160,6 +160,19 @@ def test_tune_thresholds_names_the_gt_file_whose_ids_the_store_lacks(
     assert snapshot(tmp_path) == before
 
 
+def test_training_on_a_manifest_whose_images_are_elsewhere_is_refused_before_ray(
+    dataset: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from chexseg_dist.data import manifest_from_csv, write_manifest
+
+    moved = str(tmp_path / "moved.parquet")
+    write_manifest(manifest_from_csv(dataset["csv"], root=str(tmp_path / "wrong-root")), moved)
+    before = snapshot(tmp_path)
+    out = str(tmp_path / "ckpt")
+    refused(["train-classifier", "--train", moved, "--valid", moved, "--out", out], capsys, "moved.parquet", "--root")
+    assert snapshot(tmp_path) == before  # no checkpoint folder, no log, no Ray run
+
+
 def test_a_bug_keeps_its_traceback_while_bad_input_is_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -38,11 +38,28 @@ def test_rayjob_entrypoints_parse_with_the_job_arguments(entrypoint: str) -> Non
     assert args.preset == "paper"
 
 
-def test_rayjob_keeps_token_authentication_on() -> None:
-    for p in (ROOT / "infra").rglob("*.yaml"):
-        text = p.read_text()
-        if "kind: Ray" in text:
-            assert "RAY_AUTH_MODE" in text, f"{p} must keep Ray token authentication on"
+def _auth_modes(node: object) -> list[str]:
+    """Every value a recipe gives RAY_AUTH_MODE: Kubernetes env entries and ``--env NAME=VALUE`` docker options."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        if node.get("name") == "RAY_AUTH_MODE":
+            found.append(str(node.get("value")))
+        for value in node.values():
+            found += _auth_modes(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += _auth_modes(item)
+    elif isinstance(node, str):
+        found += [m.split("=", 1)[1] for m in shlex.split(node) if m.startswith("RAY_AUTH_MODE=")]
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "infra").rglob("*.yaml")))
+def test_every_recipe_keeps_token_authentication_on(path: str) -> None:
+    """Every recipe that starts Ray sets RAY_AUTH_MODE, and to the value ``token`` (the cluster launcher included)."""
+    modes = [m for doc in yaml.safe_load_all((ROOT / path).read_text()) for m in _auth_modes(doc)]
+    assert modes, f"{path} never sets RAY_AUTH_MODE: Ray token authentication must stay on"
+    assert set(modes) == {"token"}, f"{path} sets RAY_AUTH_MODE to {sorted(set(modes))}, expected 'token'"
 
 
 def test_rayjob_submitter_carries_the_token() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from job_helpers import job_env, kill_session_processes
 from PIL import Image
 
 from chexseg_dist.cli import main as cli_main
@@ -391,30 +392,6 @@ def test_s3_images_and_s3_store(ray_cluster: None, corpus: dict, s3_bucket: str,
 # ---------------------------------------------------------------------------------------------------- jobs
 
 
-def _job_env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["RAY_TMPDIR"] = str(tmp)
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _kill_session_processes(marker: str) -> None:
-    """SIGKILL leftover processes of one subprocess job's Ray session (identified by its temp dir), by PID."""
-    import importlib
-
-    import ray  # noqa: F401  (importing Ray puts its vendored psutil on sys.path)
-
-    psutil = importlib.import_module("psutil")
-
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if marker in " ".join(proc.info["cmdline"] or []):
-                proc.kill()
-        except psutil.Error:
-            pass
-
-
 @pytest.mark.cluster
 def test_an_impossible_pool_on_a_ray_started_in_this_process_is_refused(
     ray_cluster: None, corpus: dict, tmp_path: Path
@@ -437,11 +414,11 @@ def test_a_local_job_whose_actors_leave_no_cpu_for_decoding_stops_with_a_message
     cmd = [sys.executable, str(REPO / "jobs" / "pseudolabel.py"), "--manifest", corpus["manifest"]]
     cmd += ["--checkpoint", corpus["checkpoint"], "--store", store, "--set", "pseudolabel.num_actors=10000"]
     try:
-        first = subprocess.run(cmd, env=_job_env(ray_tmp), capture_output=True, text=True, timeout=240)
+        first = subprocess.run(cmd, env=job_env(ray_tmp), capture_output=True, text=True, timeout=240)
         # Again: the first run released its store lock, so the same message comes back, not "locked".
-        second = subprocess.run(cmd, env=_job_env(ray_tmp), capture_output=True, text=True, timeout=240)
+        second = subprocess.run(cmd, env=job_env(ray_tmp), capture_output=True, text=True, timeout=240)
     finally:
-        _kill_session_processes(str(ray_tmp))
+        kill_session_processes(str(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
     for out in (first, second):
         assert out.returncode == 2, out.stderr[-3000:]
@@ -473,7 +450,7 @@ def test_killed_job_resumes_to_the_same_store(ray_cluster: None, tmp_path: Path)
     cmd = [sys.executable, str(REPO / "jobs" / "pseudolabel.py"), "--manifest", manifest, "--checkpoint", ckpt]
     proc = subprocess.Popen(
         [*cmd, "--store", store, *cfg_args],
-        env=_job_env(ray_tmp),
+        env=job_env(ray_tmp),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -496,15 +473,15 @@ def test_killed_job_resumes_to_the_same_store(ray_cluster: None, tmp_path: Path)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        _kill_session_processes(str(ray_tmp))
+        kill_session_processes(str(ray_tmp))
     at_kill = MapStore.open(store).done()
     assert 16 <= at_kill.sum() < 160
 
     time.sleep(3.5)  # let the killed job's lock go stale (lock_stale_s=3)
     out = subprocess.run(
-        [*cmd, "--store", store, *cfg_args], env=_job_env(ray_tmp), capture_output=True, text=True, timeout=300
+        [*cmd, "--store", store, *cfg_args], env=job_env(ray_tmp), capture_output=True, text=True, timeout=300
     )
-    _kill_session_processes(str(ray_tmp))
+    kill_session_processes(str(ray_tmp))
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     processed = int(last.split("processed ")[1].split(",")[0])
@@ -601,5 +578,5 @@ def test_ray_job_submit_with_token_auth(corpus: dict, tmp_path: Path) -> None:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
-        _kill_session_processes(str(temp))
+        kill_session_processes(str(temp))
         shutil.rmtree(temp, ignore_errors=True)

@@ -134,13 +134,12 @@ def test_every_stage_treats_unknown_views_the_same() -> None:
 
 
 def test_label_table_keeps_frontal_and_names_bad_manifests(data: dict[str, str], tmp_path: Path) -> None:
-    table = read_label_table(data["train"], load_config("tiny"), "train")
+    table = read_label_table(data["train"], TrainClassifierConfig(), "train")
     assert table.num_rows == 40  # the 3 laterals dropped
     assert table.column_names == ["row", "image_id", "path", *OBSERVATIONS]
-    every_view = load_config("tiny", overrides=["train_classifier.frontal_only=false"])
-    assert read_label_table(data["train"], every_view, "train").num_rows == 43
+    assert read_label_table(data["train"], TrainClassifierConfig(frontal_only=False), "train").num_rows == 43
     with pytest.raises(InputNotFoundError, match=r"nope\.parquet"):
-        read_label_table(str(tmp_path / "nope.parquet"), load_config("tiny"), "train")
+        read_label_table(str(tmp_path / "nope.parquet"), TrainClassifierConfig(), "train")
 
 
 def test_label_table_refuses_a_manifest_whose_images_are_elsewhere(data: dict[str, str], tmp_path: Path) -> None:
@@ -151,7 +150,7 @@ def test_label_table_refuses_a_manifest_whose_images_are_elsewhere(data: dict[st
     moved = str(tmp_path / "moved.parquet")
     write_manifest(manifest_from_csv(str(csv_path), root=str(tmp_path / "wrong-root")), moved)
     with pytest.raises(InputNotFoundError, match=r"moved\.parquet.*--root"):
-        read_label_table(moved, load_config("tiny"), "train")
+        read_label_table(moved, TrainClassifierConfig(), "train")
 
 
 def test_run_location_and_fault_env(monkeypatch: pytest.MonkeyPatch) -> None:
