@@ -68,6 +68,7 @@ FLAG_OVERRIDES: dict[str, tuple[Flag, ...]] = {
         Flag("manifest", "masks.label_gating", lambda _: True),
         Flag("workers", "masks.workers"),
     ),
+    "train-segmentation": (Flag("mode", "train_segmentation.mode"),),
     "evaluate": (
         Flag("full", "evaluate.full"),
         Flag("allow_missing", "evaluate.allow_missing"),

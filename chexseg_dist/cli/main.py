@@ -33,8 +33,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pseudolabel": ("pseudolabel", "Ray Data job: all-class Grad-CAM for every radiograph into a resumable Zarr store"),
     "tune-thresholds": ("tune_thresholds", "tune per-pathology map thresholds and probability cutoffs on expert masks"),
     "export-masks": ("export_masks", "binarise stored maps into CheXlocalize segmentation JSON at original size"),
+    "expert-split": ("expert_split", "split an expert set, patient-disjoint, into expert-train and expert-select"),
+    "train-segmentation": (
+        "train_segmentation",
+        "train the segmentation student (weak / full / semi / distill) with Ray Train; writes a checkpoint",
+    ),
+    "segment": ("segment", "Ray Data job: a trained student over a manifest -> CheXlocalize segmentation JSON"),
     "evaluate": ("evaluate", "CheXlocalize evaluation: mIoU, hit rate, bootstrap CIs, report"),
     "overlay": ("overlay", "PNG overlays of maps, predicted and ground-truth contours"),
+    "experiment": ("experiment", "CheXseg's weak / full / semi / distill comparison on a phantom dataset"),
     "demo": ("demo", "the whole pipeline end to end on generated phantom data (the README's first command)"),
     "config": ("config", "print the resolved configuration for a preset, file and overrides"),
 }

@@ -21,8 +21,10 @@ from chexseg_dist.config.sections import (
     MasksConfig,
     PseudolabelConfig,
     SegmentationConfig,
+    SegmentConfig,
     SynthConfig,
     TrainClassifierConfig,
+    TrainSegmentationConfig,
 )
 
 __all__ = [
@@ -33,9 +35,11 @@ __all__ = [
     "EvaluateConfig",
     "MasksConfig",
     "PseudolabelConfig",
+    "SegmentConfig",
     "SegmentationConfig",
     "SynthConfig",
     "TrainClassifierConfig",
+    "TrainSegmentationConfig",
     "from_dict",
     "load_config",
     "parse_value",

@@ -70,3 +70,36 @@ def ray_session() -> Iterator[bool]:
             import ray
 
             ray.shutdown()
+
+
+def pool_problem(
+    section: str,
+    num_actors: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    decode_cpus: float,
+    resources: dict[str, float],
+) -> str | None:
+    """Why a fixed actor pool plus CPU tasks cannot run on a cluster with these resources, or None.
+
+    The model actors hold their CPUs and GPUs for the whole job, so at least ``decode_cpus`` must be left over for
+    the CPU tasks, and the GPUs must cover every actor; otherwise Ray Data waits forever.
+
+    Args:
+        section: the config section holding the settings (named in the message).
+        resources: ``ray.cluster_resources()``.
+    """
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    actor_cpus, actor_gpus = num_actors * cpus_per_actor, num_actors * gpus_per_actor
+    if actor_gpus > gpus + 1e-9:
+        return (
+            f"{section}.num_actors={num_actors} x gpus_per_actor={gpus_per_actor} need {actor_gpus:g} GPU(s) "
+            f"but the Ray cluster has {gpus:g}; lower them, or set gpus_per_actor=0 to run on CPUs"
+        )
+    if cpus - actor_cpus < decode_cpus - 1e-9:
+        return (
+            f"{section}.num_actors={num_actors} x cpus_per_actor={cpus_per_actor} hold {actor_cpus:g} of the "
+            f"Ray cluster's {cpus:g} CPUs, leaving less than decode_cpus={decode_cpus} for decoding; lower "
+            "num_actors or cpus_per_actor"
+        )
+    return None

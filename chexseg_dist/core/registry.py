@@ -134,3 +134,37 @@ SCHEDULES: Registry[Callable[[int, int], float]] = Registry(
 EVAL_MODES: Registry[str] = Registry("evaluation mode")
 EVAL_MODES.add("tp_only", "pairs where both the ground truth and the prediction are non-empty")
 EVAL_MODES.add("full", "also pairs where exactly one is empty (IoU 0)")
+
+#: Segmentation architectures (segmentation-models-pytorch): builders ``(encoder, num_classes) -> nn.Module``.
+SEGMENTATION_ARCHS: Registry[Callable[..., Any]] = Registry(
+    "segmentation architecture",
+    {
+        "deeplabv3plus": "chexseg_dist.models.segmentation:deeplabv3plus",
+        "unet": "chexseg_dist.models.segmentation:unet",
+        "fpn": "chexseg_dist.models.segmentation:fpn",
+    },
+)
+
+#: Segmentation encoders: each a torchvision ResNet, named as the classifier architecture that can initialise it.
+SEGMENTATION_ENCODERS: Registry[str] = Registry("segmentation encoder")
+for _name in ("resnet18", "resnet34", "resnet50"):
+    SEGMENTATION_ENCODERS.add(_name, _name)
+
+#: Supervision levels of the student (CheXseg's comparison, plus distillation).
+TRAINING_MODES: Registry[str] = Registry("training mode")
+TRAINING_MODES.add("weak", "pseudo-labelled images only")
+TRAINING_MODES.add("full", "expert-annotated images only")
+TRAINING_MODES.add("semi", "both, mixed at train_segmentation.expert_ratio")
+TRAINING_MODES.add("distill", "the pseudo set's images with a full-mode teacher's soft outputs as targets")
+
+#: How a batch is drawn from the expert and pseudo-labelled sets.
+MIXING_POLICIES: Registry[type] = Registry(
+    "mixing policy",
+    {"exact": "chexseg_dist.train.mixing:ExactMixing", "bernoulli": "chexseg_dist.train.mixing:BernoulliMixing"},
+)
+
+#: Segmentation losses: ``(logits, targets, weights) -> per-image loss`` functions.
+SEGMENTATION_LOSSES: Registry[Callable[..., Any]] = Registry(
+    "segmentation loss",
+    {"dice": "chexseg_dist.train.losses:soft_dice", "bce_dice": "chexseg_dist.train.losses:bce_dice"},
+)

@@ -107,7 +107,7 @@ def ensemble_fingerprint(fingerprints: Iterable[str]) -> str:
     return hashlib.sha256(("ensemble:" + ",".join(sorted(fingerprints))).encode()).hexdigest()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
@@ -148,7 +148,7 @@ def save_checkpoint(
         CheckpointError: unknown ``arch``, a ``target_layer`` that is not a module of the model, a label count
             that differs from the model's outputs, or a non-JSON-serialisable ``config``/``metrics``.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if arch not in list_archs():
         raise CheckpointError(f"save_checkpoint {path}: unknown arch {arch!r}; choose one of {list_archs()}")
     target = target_layer or default_target_layer(arch)
@@ -166,8 +166,6 @@ def save_checkpoint(
         raise CheckpointError(
             f"save_checkpoint {path}: the model has no Normalize front module (build it with create_classifier)"
         )
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fingerprint = weights_fingerprint(state)
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "arch": arch,
@@ -180,24 +178,78 @@ def save_checkpoint(
         "target_layer": target,
         "config": config,
         "metrics": metrics,
-        "fingerprint": fingerprint,
-        "torch_version": torch.__version__,
     }
+    return write_checkpoint_dir(path, model, meta, META_FILE, WEIGHTS_FILE)
+
+
+def write_checkpoint_dir(path: str, model: nn.Module, meta: dict[str, Any], meta_file: str, weights_file: str) -> str:
+    """Write a model's state dict, then its metadata JSON (last: its presence marks a complete checkpoint).
+
+    ``meta`` gains ``fingerprint`` (of the weights) and ``torch_version``. Returns ``path``.
+
+    Raises:
+        CheckpointError: metadata that is not JSON-serialisable.
+    """
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    meta = {**meta, "fingerprint": weights_fingerprint(state), "torch_version": torch.__version__}
     try:
         text = json.dumps(meta, indent=2, sort_keys=False, allow_nan=True)
     except TypeError as err:
-        raise CheckpointError(
-            f"save_checkpoint {path}: config/metrics/arch_kwargs must be JSON-serialisable: {err}"
-        ) from None
+        raise CheckpointError(f"checkpoint {path}: its metadata must be JSON-serialisable: {err}") from None
     buffer = io.BytesIO()
     torch.save(state, buffer)
     fsio.makedirs(path)
-    with fsio.open_file(fsio.join(path, WEIGHTS_FILE), "wb") as f:
+    with fsio.open_file(fsio.join(path, weights_file), "wb") as f:
         f.write(buffer.getvalue())
-    # Last: its presence marks a complete checkpoint.
-    with fsio.open_file(fsio.join(path, META_FILE), "w") as f:
+    with fsio.open_file(fsio.join(path, meta_file), "w") as f:
         f.write(text)
     return path
+
+
+def read_json_meta(path: str, meta_file: str, what: str) -> dict[str, Any]:
+    """The JSON object ``<path>/<meta_file>`` of a checkpoint directory.
+
+    Raises:
+        CheckpointError: missing file (an interrupted save, or not ``what``), invalid JSON, not an object.
+    """
+    meta_path = fsio.join(path, meta_file)
+    if not fsio.exists(meta_path):
+        raise CheckpointError(
+            f"checkpoint {path}: {meta_file} not found; pass {what} (a directory without it is an interrupted save)"
+        )
+    try:
+        meta = json.loads(fsio.read_bytes(meta_path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint {meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {meta_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def read_weights(path: str, weights_file: str, fingerprint: str) -> dict[str, Tensor]:
+    """Load ``<path>/<weights_file>`` (``weights_only``) and check it against the recorded fingerprint.
+
+    Raises:
+        CheckpointError: missing, unreadable or replaced weights, naming the file.
+    """
+    weights_path = fsio.join(path, weights_file)
+    if not fsio.exists(weights_path):
+        raise CheckpointError(f"checkpoint {path}: {weights_file} not found next to its metadata")
+    try:
+        state = torch.load(io.BytesIO(fsio.read_bytes(weights_path)), map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {weights_path}: cannot read the weights ({type(err).__name__}: {first}); the file is damaged "
+            "or not a chexseg checkpoint: save it again"
+        ) from None
+    actual = weights_fingerprint(state)
+    if actual != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path}: {weights_file} does not match field fingerprint (recorded {fingerprint[:12]}..., "
+            f"actual {actual[:12]}...); the weights were replaced or corrupted"
+        )
+    return dict(state)
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -207,17 +259,7 @@ def read_meta(path: str) -> dict[str, Any]:
         CheckpointError: missing file, invalid JSON, missing fields or a different ``format_version``.
     """
     meta_path = fsio.join(path, META_FILE)
-    if not fsio.exists(meta_path):
-        raise CheckpointError(
-            f"checkpoint {path}: {META_FILE} not found; pass a checkpoint directory written by save_checkpoint "
-            "(a directory without it is an interrupted save)"
-        )
-    try:
-        meta = json.loads(fsio.read_bytes(meta_path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint {meta_path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint {meta_path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json_meta(path, META_FILE, "a classifier checkpoint directory (chexseg train-classifier)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {meta_path}: field format_version={meta.get('format_version')!r}, this version of "
@@ -274,23 +316,8 @@ def load_checkpoint(
     meta = read_meta(path)
     if expected_labels is not None:
         _check_labels(path, meta["labels"], expected_labels)
-    weights_path = fsio.join(path, WEIGHTS_FILE)
-    if not fsio.exists(weights_path):
-        raise CheckpointError(f"checkpoint {path}: {WEIGHTS_FILE} not found next to {META_FILE}")
-    try:
-        state = torch.load(io.BytesIO(fsio.read_bytes(weights_path)), map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(
-            f"checkpoint {weights_path}: cannot read the weights ({type(err).__name__}: {first}); the file is damaged "
-            "or not a chexseg checkpoint: save it again"
-        ) from None
-    fingerprint = weights_fingerprint(state)
-    if fingerprint != meta["fingerprint"]:
-        raise CheckpointError(
-            f"checkpoint {path}: {WEIGHTS_FILE} does not match field fingerprint (recorded "
-            f"{meta['fingerprint'][:12]}..., actual {fingerprint[:12]}...); the weights were replaced or corrupted"
-        )
+    state = read_weights(path, WEIGHTS_FILE, meta["fingerprint"])
+    fingerprint = meta["fingerprint"]
     norm = meta["normalisation"]
     model = create_classifier(
         meta["arch"],

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from chexseg_dist.config import Config, PseudolabelConfig
 from chexseg_dist.core.console import say
-from chexseg_dist.core.ray_env import cluster_resources, ray_can_grow, ray_session
+from chexseg_dist.core.ray_env import cluster_resources, pool_problem, ray_can_grow, ray_session
 from chexseg_dist.data.frames import decode_frames
 from chexseg_dist.data.manifest import read_manifest
 from chexseg_dist.errors import InputError
@@ -190,20 +190,7 @@ def resource_problem(pl: PseudolabelConfig, resources: dict[str, float]) -> str 
     The classifier actors hold their CPUs and GPUs for the whole job, so at least ``decode_cpus`` must be left over
     for the decode tasks, and the GPUs must cover every actor; otherwise Ray Data waits forever.
     """
-    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
-    actor_cpus, actor_gpus = pl.num_actors * pl.cpus_per_actor, pl.num_actors * pl.gpus_per_actor
-    if actor_gpus > gpus + 1e-9:
-        return (
-            f"pseudolabel.num_actors={pl.num_actors} x gpus_per_actor={pl.gpus_per_actor} need {actor_gpus:g} GPU(s) "
-            f"but the Ray cluster has {gpus:g}; lower them, or set gpus_per_actor=0 to run on CPUs"
-        )
-    if cpus - actor_cpus < pl.decode_cpus - 1e-9:
-        return (
-            f"pseudolabel.num_actors={pl.num_actors} x cpus_per_actor={pl.cpus_per_actor} hold {actor_cpus:g} of the "
-            f"Ray cluster's {cpus:g} CPUs, leaving less than decode_cpus={pl.decode_cpus} for decoding; lower "
-            "num_actors or cpus_per_actor"
-        )
-    return None
+    return pool_problem("pseudolabel", pl.num_actors, pl.cpus_per_actor, pl.gpus_per_actor, pl.decode_cpus, resources)
 
 
 def _todo_table(ms: MapStore, images: pa.Table, slots: np.ndarray) -> pa.Table:

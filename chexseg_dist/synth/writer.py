@@ -28,10 +28,11 @@ from chexseg_dist.core import fsio
 from chexseg_dist.core.pathologies import CSV_HEADER, OBSERVATIONS, TASKS
 from chexseg_dist.data.chexlocalize import encode_mask, image_id_from_path, mask_to_polygons
 from chexseg_dist.synth.anatomy import sample_anatomy
+from chexseg_dist.synth.annotator import annotate, rasterise
 from chexseg_dist.synth.labels import label_prevalence, sample_study
 from chexseg_dist.synth.render import encode_image, render_lateral, render_study
 
-GENERATOR_VERSION = "phantom-1.0"
+GENERATOR_VERSION = "phantom-1.1"  # 1.1: the expert annotator files; defaults 3000 / 234 / 668
 #: The dataset folder that leads every CSV path, as in the real small release.
 DATASET_DIR = "CheXpert-v1.0-small"
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
@@ -41,7 +42,7 @@ _VALID_FIRST_PATIENT = 64541
 _CHEXPERT_VALID_PATIENTS = 200
 
 # Seed-key kinds under a split.
-_KEY_LAYOUT, _KEY_STUDY, _KEY_PATIENT, _KEY_LATERAL = 0, 1, 2, 3
+_KEY_LAYOUT, _KEY_STUDY, _KEY_PATIENT, _KEY_LATERAL, _KEY_ANNOTATOR = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class _Job:
     conspicuity: float
     jpeg_quality: int
     want_masks: bool
+    annotate: bool = False
 
 
 @dataclass
@@ -73,6 +75,8 @@ class _Result:
     size: tuple[int, int]
     segmentation: dict[str, dict[str, Any]] | None
     polygons: dict[str, list[list[list[int]]]] | None
+    expert_segmentation: dict[str, dict[str, Any]] | None = None
+    expert_polygons: dict[str, list[list[list[float]]]] | None = None
 
 
 def _seed(job_seed: int, split: str, kind: int, index: int) -> np.random.Generator:
@@ -108,6 +112,11 @@ def _render_job(job: _Job) -> _Result:
             # Per drawn object, so that crossing devices do not enclose (and fill) the space between them.
             polygons = {t: [p for comp in comps[t] for p in mask_to_polygons(comp)] for t in TASKS if t in comps}
     h, w = img.shape
+    expert_seg = expert_polys = None
+    if job.annotate:
+        # The annotator's own generator: the exact files and images are byte-identical with or without it.
+        expert_polys = annotate(_seed(job.seed, job.split, _KEY_ANNOTATOR, job.index), masks)
+        expert_seg = {t: encode_mask(m) for t, m in rasterise(expert_polys, h, w).items()}
     return _Result(
         files=files,
         rows=rows,
@@ -116,6 +125,8 @@ def _render_job(job: _Job) -> _Result:
         size=(h, w),
         segmentation=segmentation,
         polygons=polygons,
+        expert_segmentation=expert_seg,
+        expert_polygons=expert_polys,
     )
 
 
@@ -151,6 +162,7 @@ def _layout(cfg: SynthConfig, split: str, n: int, first_patient: int) -> list[_J
                     conspicuity=cfg.conspicuity,
                     jpeg_quality=cfg.jpeg_quality,
                     want_masks=not train or cfg.train_masks,
+                    annotate=not train and cfg.annotator,
                 )
             )
         patient_key += 1
@@ -201,6 +213,8 @@ def _write_split(
     all_rows: list[list[str]] = []
     segs: dict[str, Any] = {}
     polys: dict[str, Any] = {}
+    expert_segs: dict[str, Any] = {}
+    expert_polys: dict[str, Any] = {}
     mask_counts = dict.fromkeys(TASKS, 0)
     modes = {"jpeg": 0, "png16": 0, "rgb": 0}
     for job in jobs:
@@ -216,6 +230,9 @@ def _write_split(
             segs[res.image_id] = res.segmentation
         if res.polygons is not None:
             polys[res.image_id] = {"img_size": list(res.size), **res.polygons}
+        if res.expert_segmentation is not None and res.expert_polygons is not None:
+            expert_segs[res.image_id] = res.expert_segmentation
+            expert_polys[res.image_id] = {"img_size": list(res.size), **res.expert_polygons}
         if progress is not None:
             progress()
     buf = io.StringIO()
@@ -227,6 +244,9 @@ def _write_split(
         _write(out_dir, f"gt_segmentations_{split}.json", _json_bytes(segs))
     if split != "train":
         _write(out_dir, f"gt_annotations_{split}.json", _json_bytes(polys))
+    if any(job.annotate for job in jobs):
+        _write(out_dir, f"expert_segmentations_{split}.json", _json_bytes(expert_segs))
+        _write(out_dir, f"expert_annotations_{split}.json", _json_bytes(expert_polys))
     n = max(1, len(jobs))
     return {
         "frontal_images": len(jobs),
@@ -246,7 +266,9 @@ def generate(out_dir: str, cfg: SynthConfig, progress: Callable[[int, int], None
     like ``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``, relative to ``out_dir``); the
     images under ``CheXpert-v1.0-small/``; ``gt_segmentations_{valid,test}.json`` (all 10 tasks per image, COCO
     RLE at original size, empty for negatives); ``gt_annotations_{valid,test}.json`` (polygons of the positive
-    tasks); ``gt_segmentations_train.json`` if ``cfg.train_masks``; and ``phantom_meta.json``.
+    tasks); ``gt_segmentations_train.json`` if ``cfg.train_masks``; with ``cfg.annotator``, an expert annotator's
+    hand-drawn masks of valid and test (``expert_annotations_{valid,test}.json`` polygons and
+    ``expert_segmentations_{valid,test}.json`` RLEs, :mod:`chexseg_dist.synth.annotator`); and ``phantom_meta.json``.
 
     Args:
         out_dir: local directory or fsspec URI.

@@ -3,9 +3,10 @@
 A task is a small object (:class:`TrainTask`): it builds its datasets and model, says what one step computes, scores
 an epoch and exports the best one. The loop owns everything else, the same for every task:
 
-- **Data parallel**: ``TorchTrainer`` over ``num_workers`` CPU or GPU workers; the ``train`` dataset is streamed
-  with ``streaming_split(equal=True)`` (every rank runs the same number of steps, so DDP never waits on a missing
-  batch); other datasets reach every worker whole. Step sums (loss, images) are all-reduced at the end of an epoch.
+- **Data parallel**: ``TorchTrainer`` over ``num_workers`` CPU or GPU workers; the task's ``split_datasets``
+  (``train`` by default) are streamed with ``streaming_split(equal=True)`` (every rank runs the same number of steps,
+  so DDP never waits on a missing batch); other datasets reach every worker whole. Step sums (loss, images) are
+  all-reduced at the end of an epoch.
 - **Checkpoints and resume**: after every epoch rank 0 reports the metrics with a checkpoint holding the model,
   optimizer and scheduler state, the epoch, the metrics history and the task's identity (e.g. architecture and
   frame size). ``CheckpointConfig`` keeps the ``num_to_keep`` best by the task's ``score`` (Ray keeps the latest as
@@ -22,7 +23,9 @@ Importing this module imports torch but not Ray.
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import math
 import os
 import signal
@@ -40,9 +43,13 @@ from torch import Tensor, nn
 from chexseg_dist.core import fsio
 from chexseg_dist.core.console import Relay, format_seconds, relay_say, say
 from chexseg_dist.core.ray_env import ray_session
+from chexseg_dist.data.failures import latest_per_image, read_failure_tables
 from chexseg_dist.errors import ChexsegError, TrainingError
 
 STATE_FILE = "state.pt"
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+FAILURES_CSV = "failures.csv"
 #: Driver-side environment hook for failure drills (e.g. with ``ray job submit``): a marker path, optionally
 #: ``PATH:EPOCH``. The first attempt reaching that epoch creates the marker and kills rank 0's process.
 FAIL_ONCE_ENV = "CHEXSEG_FAIL_ONCE_MARKER"
@@ -55,6 +62,7 @@ class LoopSettings(Protocol):
     num_workers: int
     use_gpu: bool
     cpus_per_worker: float
+    torch_threads: int
     max_failures: int
     run_name: str
     storage_path: str
@@ -107,6 +115,8 @@ class TrainTask(ABC):
 
     name: str
     loop: LoopSettings
+    #: The datasets streamed in equal shares to the workers (``streaming_split``); the others reach every worker whole.
+    split_datasets: tuple[str, ...] = ("train",)
 
     # ---------------------------------------------------------------- driver
     @abstractmethod
@@ -141,8 +151,8 @@ class TrainTask(ABC):
         """Optimizer steps per epoch on each worker (for schedules and ETAs)."""
 
     @abstractmethod
-    def train_batches(self, shard: Any, ctx: WorkerContext) -> Iterator[Any]:
-        """This worker's training batches for one epoch, from its ``train`` shard."""
+    def train_batches(self, shards: Mapping[str, Any], ctx: WorkerContext) -> Iterator[Any]:
+        """This worker's training batches for one epoch, from its dataset shards (by name)."""
 
     @abstractmethod
     def train_step(self, model: nn.Module, batch: Any, ctx: WorkerContext) -> StepResult:
@@ -151,6 +161,18 @@ class TrainTask(ABC):
     @abstractmethod
     def validate(self, model: nn.Module, shards: Mapping[str, Any], ctx: WorkerContext) -> dict[str, Any]:
         """Score the epoch; rank 0's metrics must hold ``score`` (higher is better). Called on every rank."""
+
+    def part_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Metrics from summed :attr:`StepResult.parts` (``sums`` also holds ``loss`` and ``images``); by default
+        each part per image, as ``train_<part>``."""
+        images = sums.get("images", 0.0)
+        if not images:
+            return {}
+        return {f"train_{k}": v / images for k, v in sums.items() if k not in ("loss", "images")}
+
+    def progress(self, sums: Mapping[str, float]) -> str:
+        """Extra words for the progress line, from this worker's sums so far in the epoch (default: none)."""
+        return ""
 
     def epoch_line(self, epoch: int, metrics: Mapping[str, Any]) -> str:
         """The console line of one finished epoch."""
@@ -260,7 +282,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(loop.cpus_per_worker)))
+        torch.set_num_threads(loop.torch_threads or max(1, int(loop.cpus_per_worker)))
     torch.manual_seed(loop.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     steps_per_epoch = task.steps_per_epoch(world)
     model, optimizer, scheduler = task.build(steps_per_epoch)
@@ -294,7 +316,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         model.train()
         sums: dict[str, float] = {"loss": 0.0, "images": 0.0}
-        for step, batch in enumerate(task.train_batches(shards["train"], wctx), start=1):
+        for step, batch in enumerate(task.train_batches(shards, wctx), start=1):
             result = task.train_step(model, batch, wctx)
             loss_value = float(result.loss.detach())
             if not math.isfinite(loss_value):
@@ -319,9 +341,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 rate = sums["images"] * world / max(elapsed, 1e-9)
                 eta = format_seconds(elapsed / step * max(0, steps_per_epoch - step))
                 lr = optimizer.param_groups[0]["lr"]
+                extra = task.progress(sums) if rank == 0 else ""
                 wctx.say(
                     f"[{task.name}] epoch {epoch + 1}/{loop.epochs} step {step}/~{steps_per_epoch} "
-                    f"loss {loss_value:.4f} lr {lr:.2e} {rate:.1f} img/s, epoch ETA {eta}"
+                    f"loss {loss_value:.4f}{' ' + extra if extra else ''} lr {lr:.2e} {rate:.1f} img/s, "
+                    f"epoch ETA {eta}"
                 )
         keys = sorted(sums)
         totals = dict(zip(keys, _allreduce_sum([sums[k] for k in keys], world, device)))
@@ -339,7 +363,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
             "train_time_s": train_time,
             "train_images_per_s": totals["images"] / train_time if train_time > 0 else float("nan"),
         }
-        metrics.update({f"train_{k}": v / totals["images"] for k, v in totals.items() if k not in ("loss", "images")})
+        metrics.update(task.part_metrics(totals))
         metrics.update(task.validate(bare, shards, wctx))
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
@@ -518,7 +542,7 @@ def _train(
             num_workers=loop.num_workers, use_gpu=loop.use_gpu, resources_per_worker=resources
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(task.split_datasets)),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage,
@@ -529,3 +553,46 @@ def _train(
         ),
     )
     return trainer.fit()
+
+
+# ------------------------------------------------------------------------------------------------ export helpers
+
+
+def write_history(out: str, best: Mapping[str, Any], history: list[dict[str, Any]]) -> dict[str, str]:
+    """``metrics.json`` (best epoch, its metrics, every epoch) and ``metrics.csv`` (one row per epoch) in ``out``."""
+    files = {"metrics_json": fsio.join(out, METRICS_JSON), "metrics_csv": fsio.join(out, METRICS_CSV)}
+    with fsio.open_file(files["metrics_json"], "w") as f:
+        json.dump({"best_epoch": best["epoch"], "best": dict(best), "epochs": history}, f, indent=2)
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with fsio.open_file(files["metrics_csv"], "w") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    return files
+
+
+def read_run_failures(failures_dir: str, splits: Sequence[str]) -> list[dict[str, Any]]:
+    """The images a run left out, one record per image (its latest): ``split, row, image_id, path, stage, error``."""
+    records: list[dict[str, Any]] = []
+    for split in splits:  # rows are per manifest: one table per split, never mixed
+        table = read_failure_tables(fsio.join(failures_dir, split))
+        if table is not None:
+            records += [{"split": split, **r} for r in latest_per_image(table).to_pylist()]
+    return records
+
+
+def write_failures(out: str, failures_dir: str, splits: Sequence[str]) -> str | None:
+    """``failures.csv`` in ``out`` (split, row, image id, path, stage, reason) when the run left images out."""
+    failures = read_run_failures(failures_dir, splits)
+    if not failures:
+        return None
+    path = fsio.join(out, FAILURES_CSV)
+    with fsio.open_file(path, "w", newline="") as f:
+        writer = csv.DictWriter(
+            f, fieldnames=["split", "row", "image_id", "path", "stage", "error"], extrasaction="ignore"
+        )
+        writer.writeheader()
+        writer.writerows(failures)
+    return path

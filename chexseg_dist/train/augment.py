@@ -38,9 +38,24 @@ def augment_batch(images: Tensor, tc: AugmentSettings, generator: torch.Generato
     Returns:
         ``[B, 1, S, S]`` float in [0, 1] on the same device.
     """
+    return augment_pair(images, None, tc, generator)[0]
+
+
+def augment_pair(
+    images: Tensor, masks: Tensor | None, tc: AugmentSettings, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`augment_batch` of images plus the same geometric transform of their masks (segmentation).
+
+    Args:
+        images: ``[B, 1, S, S]`` float in [0, 1].
+        masks: ``[B, C, S, S]`` binary masks of the same images (any dtype), or None.
+
+    Returns:
+        The augmented images and masks (masks resampled bilinearly, then ``>= 0.5``, in their dtype).
+    """
     b = images.shape[0]
     if b == 0:
-        return images
+        return images, masks
 
     def uniform(bound: float) -> Tensor:
         return (torch.rand(b, generator=generator) * 2.0 - 1.0) * bound
@@ -61,4 +76,8 @@ def augment_batch(images: Tensor, tc: AugmentSettings, generator: torch.Generato
         flip = torch.rand(b, generator=generator) < 0.5
         theta[flip, :, 0] *= -1.0
     grid = F.affine_grid(theta.to(images), list(out.shape), align_corners=False)
-    return F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if masks is None:
+        return out, None
+    warped = F.grid_sample(masks.to(images.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out, (warped >= 0.5).to(masks.dtype)

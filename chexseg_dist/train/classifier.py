@@ -24,8 +24,6 @@ The export writes the best epoch as the one output the rest of the pipeline read
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -40,7 +38,6 @@ from chexseg_dist.config import Config, TrainClassifierConfig, save_config
 from chexseg_dist.core import fsio
 from chexseg_dist.core.console import say
 from chexseg_dist.core.pathologies import OBSERVATIONS
-from chexseg_dist.data.failures import latest_per_image, read_failure_tables
 from chexseg_dist.data.frames import decode_frames
 from chexseg_dist.data.labels import labels_and_mask
 from chexseg_dist.data.manifest import check_paths_exist, read_manifest, select_views
@@ -48,7 +45,17 @@ from chexseg_dist.errors import ManifestError
 from chexseg_dist.metrics.auroc import mean_task_auroc, per_class_auroc, task_aurocs
 from chexseg_dist.models.checkpoint import save_checkpoint
 from chexseg_dist.models.classifiers import create_classifier
-from chexseg_dist.train._loop import FaultInjection, StepResult, TrainResult, TrainTask, WorkerContext, fit
+from chexseg_dist.train._loop import (
+    FaultInjection,
+    StepResult,
+    TrainResult,
+    TrainTask,
+    WorkerContext,
+    fit,
+    read_run_failures,
+    write_failures,
+    write_history,
+)
 from chexseg_dist.train.augment import augment_batch
 from chexseg_dist.train.schedules import create_scheduler
 
@@ -56,9 +63,8 @@ from chexseg_dist.train.schedules import create_scheduler
 ROWS_PER_BLOCK = 128
 #: Images per decode batch inside a Ray Data task.
 DECODE_BATCH = 32
-METRICS_JSON = "metrics.json"
-METRICS_CSV = "metrics.csv"
-FAILURES_CSV = "failures.csv"
+#: Where the classifier's decode stages record the images they leave out (``<failures_dir>/<split>``).
+SPLITS = ("train", "valid")
 #: The batch columns the loop receives; ``iter_torch_batches(dtypes=...)`` must name every one of them.
 BATCH_DTYPES: dict[str, torch.dtype] = {"image": torch.uint8, "targets": torch.float32, "mask": torch.float32}
 
@@ -212,8 +218,11 @@ class ClassifierTask(TrainTask):
         optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         return model, optimizer, create_scheduler(tc.lr_schedule, optimizer, tc.epochs * steps_per_epoch)
 
-    def train_batches(self, shard: Any, ctx: WorkerContext) -> Iterator[Any]:
-        return iter(shard.iter_torch_batches(batch_size=self.tc.batch_size, dtypes=BATCH_DTYPES, device=ctx.device))
+    def train_batches(self, shards: Mapping[str, Any], ctx: WorkerContext) -> Iterator[Any]:
+        batches = shards["train"].iter_torch_batches(
+            batch_size=self.tc.batch_size, dtypes=BATCH_DTYPES, device=ctx.device
+        )
+        return iter(batches)
 
     def train_step(self, model: nn.Module, batch: Any, ctx: WorkerContext) -> StepResult:
         x = batch["image"].unsqueeze(1).float().div_(255.0)
@@ -269,18 +278,8 @@ def score_classifier(model: nn.Module, shard: Any, batch_size: int, device: torc
     return metrics
 
 
-def read_run_failures(failures_dir: str) -> list[dict[str, Any]]:
-    """The images a run left out, one record per image (its latest): ``split, row, image_id, path, stage, error``."""
-    records: list[dict[str, Any]] = []
-    for split in ("train", "valid"):  # rows are per manifest: one table per split, never mixed
-        table = read_failure_tables(fsio.join(failures_dir, split))
-        if table is not None:
-            records += [{"split": split, **r} for r in latest_per_image(table).to_pylist()]
-    return records
-
-
 def _count_failures(failures_dir: str) -> int:
-    return len(read_run_failures(failures_dir))
+    return len(read_run_failures(failures_dir, SPLITS))
 
 
 def train_classifier(
@@ -352,26 +351,10 @@ def export_classifier(
         metrics=metrics,
         target_layer=cfg.classifier.target_layer or None,
     )
-    files = {"checkpoint": out}
-    files["metrics_json"] = fsio.join(out, METRICS_JSON)
-    with fsio.open_file(files["metrics_json"], "w") as f:
-        json.dump({"best_epoch": best["epoch"], "best": metrics, "epochs": history}, f, indent=2)
-    files["metrics_csv"] = fsio.join(out, METRICS_CSV)
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    with fsio.open_file(files["metrics_csv"], "w") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-    failures = read_run_failures(failures_dir) if failures_dir else []
+    files = {"checkpoint": out, **write_history(out, metrics, history)}
+    failures = write_failures(out, failures_dir, SPLITS) if failures_dir else None
     if failures:
-        files["failures"] = fsio.join(out, FAILURES_CSV)
-        with fsio.open_file(files["failures"], "w", newline="") as f:
-            fields = ["split", "row", "image_id", "path", "stage", "error"]
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(failures)
+        files["failures"] = failures
     files["config"] = save_config(cfg, out, extra=extra)
     return files
 

@@ -3,13 +3,13 @@ byte-identical and nothing half-written left behind. And the other side of the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import refused, snapshot
 from cxp_helpers import make_manifest, write_split
 from maps_helpers import image_ids, make_store
 
@@ -17,29 +17,6 @@ from chexseg_dist.cli import main
 from chexseg_dist.core.pathologies import TASKS
 from chexseg_dist.data import encode_mask, write_segmentations
 from chexseg_dist.models import create_classifier, save_checkpoint
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (relative path -> sha256), folders included as entries."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
-    return out
-
-
-def refused(argv: list[str], capsys: pytest.CaptureFixture[str], *expected: str) -> str:
-    """Run the CLI, check exit status 2 and a one-line error containing every ``expected`` text; return it."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith(f"chexseg {argv[0]}: error: "), lines[0]
-    assert "Traceback" not in captured.err + captured.out
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
 
 
 @pytest.fixture()

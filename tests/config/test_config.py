@@ -19,10 +19,15 @@ def test_presets_resolve_to_the_documented_settings() -> None:
         16,
         3,
     )
-    assert (paper.segmentation.arch, paper.segmentation.encoder, paper.segmentation.expert_ratio) == (
-        "deeplabv3plus",
-        "resnet18",
+    seg, ts = paper.segmentation, paper.train_segmentation
+    assert (seg.arch, seg.encoder, seg.image_size) == ("deeplabv3plus", "resnet18", 320)  # the paper's student
+    assert (ts.batch_size, ts.lr, ts.epochs, ts.loss, ts.expert_ratio, ts.mixing) == (
+        8,
+        1e-4,
+        20,
+        "dice",
         0.9,
+        "bernoulli",
     )
 
 

@@ -30,9 +30,11 @@ CELLS = {"1.0", "0.0", "-1.0", ""}
 
 # The generator's output, pinned. Recorded from the generator before it was split into modules (the single-file
 # chexseg_dist/phantom.py, GENERATOR_VERSION "phantom-1.0"): if a test below fails, the generator's output changed,
-# and then GENERATOR_VERSION must change too (and the values here be recorded again). The JPEG/PNG bytes also depend
+# and then GENERATOR_VERSION must change too (and the values here be recorded again). phantom-1.1 added the expert
+# annotator's files and new defaults; every image, CSV and exact ground-truth file kept its 1.0 bytes. The JPEG/PNG
+# bytes also depend
 # on the image codecs Pillow was built with, and phantom_meta.json on SynthConfig's fields.
-PINNED_VERSION = "phantom-1.0"
+PINNED_VERSION = "phantom-1.1"
 PINNED_CFG = {"seed": 5, "n_train": 6, "n_valid": 3, "n_test": 3, "size": 96, "train_masks": True,
               "odd_mode_fraction": 0.5, "lateral_fraction": 0.5}  # fmt: skip
 #: sha256 of every file of PINNED_CFG's dataset; image paths without the leading DATASET_DIR.
@@ -57,7 +59,11 @@ PINNED_SHA256 = {
     "gt_segmentations_test.json": "38d25fa2080332f9e4467d391097914adbbf2a7162709feb2a3654dce8905524",
     "gt_segmentations_train.json": "1938cd286c12a8928ed07e558bb16d75e987a46bd40156eecf5c7f675c633436",
     "gt_segmentations_valid.json": "9c54a7e0821f5d82d92ec0c167009d2637d4bc749b011139c8548422201806fc",
-    "phantom_meta.json": "23438c321896df3caf952d9abeb263cf89b667a72ca2c2502bff17f3c4911243",
+    "expert_annotations_test.json": "712809a481a40c53d6b90e9861b5c08b4b11a9c65b4c65dfede479500950da45",
+    "expert_annotations_valid.json": "54631ffe4b8675bb9fbcfb2a91e364a494dcd3adce179059b3d94fa81b4b2be0",
+    "expert_segmentations_test.json": "522778f79fa74b7508b616c5d8f111d28fbc2600c23f3780b45ccfba1388b8f8",
+    "expert_segmentations_valid.json": "84ce23e84d22f6ddd21b3b49061726541896d2c7b1c7ec8a3f873e0d9851fd06",
+    "phantom_meta.json": "8c94119ec15a1db4d912d59ba4a632486ca96fefd6b21719282cf63d287e5428",
     "test.csv": "0218671dda140f73fbfccb6c66e5a0ccb4421b0e1786b4f7a7eb8441b87d9a1f",
     "train.csv": "032631b35f04ef1e0dbb53458da2afdd53a3bcaf5eff56949ce2c2c14db68ec9",
     "valid.csv": "2614840446695b8086bdc5f66e39c014ad265cf693a7b022ed16ccc90d102e82",

@@ -1,0 +1,750 @@
+"""The segmentation student (CheXseg) as a training task on the shared loop (``chexseg train-segmentation``).
+
+Modes (``train_segmentation.mode``), the paper's supervision levels:
+
+- ``weak``: pseudo-labelled images only (masks derived from the classifier's stored Grad-CAM grids).
+- ``full``: expert-train only.
+- ``semi``: both, ``round(w * B)`` (``exact``) or Bernoulli(w) (``bernoulli``) expert rows per batch per worker.
+- ``distill``: the pseudo set's images with a trained ``full`` teacher's soft outputs as targets: sigmoid
+  cross-entropy of ``student / T`` against ``sigmoid(teacher / T)``; the teacher runs on the worker, nothing is stored.
+
+How the data reach a worker:
+
+1. The driver reads the expert set (:func:`~chexseg_dist.data.expert.load_expert_set`: manifest + CheXlocalize JSON,
+   split patient-disjoint into expert-train and expert-select), the pseudo set
+   (:func:`~chexseg_dist.train.pseudo_set.load_pseudo_set`: the map store's done rows joined to their manifest) and
+   refuses any patient shared between expert-train, expert-select, pseudo and the held-out test manifest.
+2. ``expert_train`` and ``expert_select`` reach every worker whole (the one decode stage, then the masks to the
+   student's frame through the one :class:`~chexseg_dist.core.geometry.Letterbox`); a worker keeps expert-train in
+   memory as an :class:`~chexseg_dist.train.mixing.ExpertPool`. The pseudo set is dealt out by store chunk, one
+   dataset per worker (``pseudo_<r>``), read one task per chunk, masks made on the fly by
+   :class:`~chexseg_dist.masks.MaskMaker` in the student's frame, drawn as a :class:`~chexseg_dist.train.mixing.
+   RowStream` that persists across epochs (an epoch is a number of steps, not a pass).
+3. Every step on every worker takes its expert rows from the pool and the rest from its stream (per-row loss
+   weights: the source weight, times 0 for a channel left out by ``ignore_uncertain``).
+
+Each epoch rank 0 predicts expert-select and chooses, per pathology, the output threshold on the sigmoid that
+maximises the **full-mode** mIoU in the student's frame (pairs where exactly one mask is empty count 0; never
+tp-only, which rewards emptying hard predictions) over ``t = k / threshold_steps``, with the shared tuning tables
+(:class:`~chexseg_dist.masks.tuning.TuningTable`) and evaluator conventions. The epoch's score is the mean of those
+per-pathology mIoUs over the pathologies with an expert-select positive; the best epoch is exported with its
+thresholds (:func:`~chexseg_dist.models.segmentation.save_segmentation`) plus ``metrics.json``, ``metrics.csv``,
+``config.yaml`` and ``failures.csv`` when images were left out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from chexseg_dist.config import Config, save_config
+from chexseg_dist.core import fsio
+from chexseg_dist.core.console import say
+from chexseg_dist.core.pathologies import N_TASKS, TASKS
+from chexseg_dist.core.registry import MIXING_POLICIES, SEGMENTATION_LOSSES
+from chexseg_dist.data.expert import ExpertSet, check_mask_sizes, expert_targets, load_expert_set
+from chexseg_dist.data.frames import decode_frames
+from chexseg_dist.data.manifest import read_manifest
+from chexseg_dist.errors import CheckpointError, ConfigError, InputError, TrainingError
+from chexseg_dist.masks.maker import MaskMaker
+from chexseg_dist.masks.tuning import TuningTable, threshold_grid
+from chexseg_dist.models.checkpoint import read_meta
+from chexseg_dist.models.segmentation import (
+    create_segmentation,
+    init_encoder_from_classifier,
+    load_segmentation,
+    read_segmentation_meta,
+    save_segmentation,
+)
+from chexseg_dist.train._loop import (
+    FaultInjection,
+    StepResult,
+    TrainResult,
+    TrainTask,
+    WorkerContext,
+    fit,
+    read_run_failures,
+    resolve_run,
+    write_failures,
+    write_history,
+)
+from chexseg_dist.train.augment import augment_pair
+from chexseg_dist.train.losses import distillation_loss
+from chexseg_dist.train.mixing import ExpertPool, RowStream
+from chexseg_dist.train.pseudo_set import PseudoSet, check_disjoint, load_pseudo_set, pseudo_targets, read_chunk
+
+#: Which sources a mode draws training rows from: (expert-train, pseudo-labelled).
+SOURCES: dict[str, tuple[bool, bool]] = {
+    "weak": (False, True),
+    "full": (True, False),
+    "semi": (True, True),
+    "distill": (False, True),
+}
+#: Where decode failures are recorded, one table per manifest-and-role (``<run>/failures/<split>``).
+FAILURE_SPLITS = ("expert_train", "expert_select", "pseudo")
+#: Expert manifest rows per Ray Data block before decoding.
+EXPERT_ROWS_PER_BLOCK = 32
+#: Images per decode batch inside a Ray Data task.
+DECODE_BATCH = 16
+#: Rows per batch a worker pulls from its pseudo stream, and its local shuffle buffer.
+STREAM_BATCH = 32
+SHUFFLE_BUFFER = 256
+#: Metric prefix of the per-epoch histogram of expert rows per batch (``experts_per_batch/<k>``: batches).
+HISTOGRAM = "experts_per_batch/"
+#: Output threshold for a pathology without an expert-select positive (nothing to choose it on).
+FALLBACK_THRESHOLD = 0.5
+
+
+@dataclass
+class StudentInputs:
+    """What the student trains on (paths local or URIs).
+
+    Attributes:
+        expert_manifest: the expert images' Parquet manifest (phantom data: the valid split).
+        expert_annotations: their expert masks (CheXlocalize segmentation or polygon JSON).
+        pseudo_store: the pseudo-labelled images' map store (weak, semi, distill).
+        pseudo_manifest: the manifest that store was written for.
+        thresholds: tuned thresholds (``chexseg tune-thresholds`` on expert-train) for ``masks.strategy=tuned``.
+        holdout_manifest: a manifest whose patients must not appear in training (the test split).
+        expert_limit: keep only this many expert-train images (the expert-set-size curve; same selection split).
+    """
+
+    expert_manifest: str
+    expert_annotations: str
+    pseudo_store: str = ""
+    pseudo_manifest: str = ""
+    thresholds: str = ""
+    holdout_manifest: str = ""
+    expert_limit: int | None = None
+
+
+def _patients(table: pa.Table) -> set[str]:
+    return {str(p) for p in table.column("patient_id").to_pylist()}
+
+
+def _collect(shard: Any, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """A whole (small) dataset shard in memory, column -> array."""
+    parts: list[dict[str, np.ndarray]] = [
+        {k: np.asarray(v) for k, v in batch.items()}
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+    ]
+    parts = [p for p in parts if p and len(next(iter(p.values())))]
+    if not parts:
+        return {}
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def select_counts(
+    probs: np.ndarray, gt: np.ndarray, content: np.ndarray, steps: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Areas for every output threshold at once: ``gt_area [n, 10]``, ``inter`` and ``pred [n, 10, K + 1]``.
+
+    A pixel is predicted at threshold ``k / K`` when its probability ``p > k / K`` (the tuned binariser's rule:
+    the bin ``ceil(K * p)``, computed in float64, counts the grid thresholds strictly below ``p``); pixels outside the
+    letterbox content (``content`` False) are never predicted, as ``chexseg segment`` crops them away.
+
+    Args:
+        probs: ``[n, 10, S, S]`` float32 sigmoid outputs.
+        gt: ``[n, 10, S, S]`` expert masks in the same frame (nonzero = foreground).
+        content: ``[n, S, S]`` bool, the letterbox content of each frame.
+        steps: ``K``.
+    """
+    n = probs.shape[0]
+    nb = steps + 2
+    gt_area = np.zeros((n, N_TASKS), dtype=np.int64)
+    inter = np.zeros((n, N_TASKS, steps + 1), dtype=np.int64)
+    pred = np.zeros((n, N_TASKS, steps + 1), dtype=np.int64)
+    for i in range(n):
+        g = gt[i] != 0
+        bins = np.ceil(probs[i].astype(np.float64) * steps).astype(np.int64).clip(0, steps)
+        bins = np.where(content[i][None], bins, 0)
+        key = (np.arange(N_TASKS)[:, None, None] * 2 + g) * nb + bins
+        hist = np.bincount(key.ravel(), minlength=N_TASKS * 2 * nb).reshape(N_TASKS, 2, nb)
+        above = np.cumsum(hist[:, :, ::-1], axis=2)[:, :, ::-1]  # above[c, g, b]: pixels with bin >= b
+        inter[i] = above[:, 1, 1:]
+        pred[i] = above[:, 0, 1:] + above[:, 1, 1:]
+        gt_area[i] = g.sum(axis=(1, 2))
+    return gt_area, inter, pred
+
+
+def choose_output_thresholds(
+    image_ids: list[str], gt_area: np.ndarray, inter: np.ndarray, pred: np.ndarray, steps: int
+) -> dict[str, Any]:
+    """Per-pathology output thresholds maximising full-mode mIoU (ties: smallest threshold), and the score.
+
+    Returns:
+        ``thresholds`` [10], ``miou_full`` [10] and ``miou_tp`` [10] at them (NaN for a pathology without an
+        expert-select positive, which keeps :data:`FALLBACK_THRESHOLD`), ``positives`` [10] and ``score`` (the
+        mean full-mode mIoU over the pathologies with a positive; -1 when there is none).
+    """
+    table = TuningTable(
+        image_ids=image_ids,
+        gt_area=gt_area,
+        inter=inter,
+        pred=pred,
+        probs=np.zeros(gt_area.shape),
+        grid=threshold_grid(steps),
+    )
+    full, _ = table.miou_curve("full")
+    tp, _ = table.miou_curve("tp_only")
+    positives = (gt_area > 0).sum(axis=0)
+    thresholds = np.full(N_TASKS, FALLBACK_THRESHOLD)
+    miou_full = np.full(N_TASKS, np.nan)
+    miou_tp = np.full(N_TASKS, np.nan)
+    for k in range(N_TASKS):
+        if positives[k] == 0:
+            continue
+        j = int(np.nanargmax(full[k]))  # gt-positive pairs are always kept in full mode: no all-NaN row
+        thresholds[k], miou_full[k], miou_tp[k] = table.grid[j], full[k, j], tp[k, j]
+    scored = miou_full[positives > 0]
+    return {
+        "thresholds": thresholds,
+        "miou_full": miou_full,
+        "miou_tp": miou_tp,
+        "positives": positives,
+        "score": float(scored.mean()) if scored.size else -1.0,
+    }
+
+
+def content_masks(letterbox: np.ndarray, size: int) -> np.ndarray:
+    """``[n, S, S]`` bool: the content window of each frame, from :meth:`Letterbox.params` rows."""
+    out = np.zeros((len(letterbox), size, size), dtype=bool)
+    for i, p in enumerate(np.asarray(letterbox, dtype=np.int64)):
+        _, _, _, nh, nw, top, left = (int(v) for v in p)
+        out[i, top : top + nh, left : left + nw] = True
+    return out
+
+
+def autocast(device: torch.device, amp: bool) -> Any:
+    """bf16 autocast on a GPU when ``amp``; nothing on a CPU."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def predict_probs(model: nn.Module, frames: np.ndarray, batch_size: int, device: torch.device, amp: bool) -> np.ndarray:
+    """``[n, 10, S, S]`` float32 sigmoid outputs of the model for uint8 frames ``[n, S, S]``."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(frames), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch_size])).to(device)
+            x = x.unsqueeze(1).float().div_(255.0)
+            with autocast(device, amp):
+                logits = model(x)
+            out.append(torch.sigmoid(logits.float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, N_TASKS, 1, 1), dtype=np.float32)
+
+
+class SegmentationTask(TrainTask):
+    """The student on the shared loop (see the module docstring).
+
+    Args:
+        cfg: the resolved config (``segmentation``, ``train_segmentation`` and ``masks`` sections are used).
+        inputs: the expert set, pseudo set and held-out manifest.
+        failures_dir: where the decode stages record the images they leave out (shared storage on a cluster).
+        run_id: recorded with those failures.
+    """
+
+    name = "train-segmentation"
+    split_datasets: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Config, inputs: StudentInputs, failures_dir: str, run_id: str) -> None:
+        self.cfg = cfg
+        self.ts = cfg.train_segmentation
+        self.loop = self.ts
+        self.model_cfg = cfg.segmentation
+        self.inputs = inputs
+        self.failures_dir, self.run_id = failures_dir, run_id
+        self.uses_expert, self.uses_pseudo = SOURCES[self.ts.mode]
+        self.n_expert_train = self.n_select = self.n_pseudo = 0
+        self.pseudo_failed = self.pseudo_pending = 0
+        self.maker: MaskMaker | None = None
+        self._expert: ExpertSet | None = None
+        self._pseudo: PseudoSet | None = None
+        # Worker state (never pickled): built on first use inside the worker.
+        self._pool: ExpertPool | None = None
+        self._stream: RowStream | None = None
+        self._select: dict[str, np.ndarray] | None = None
+        self._teacher: nn.Module | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("_expert", "_pseudo", "_pool", "_stream", "_select", "_teacher"):
+            state[name] = None  # the data travel as Ray datasets; worker state is rebuilt in the worker
+        return state
+
+    # ---------------------------------------------------------------- driver
+    def prepare(self) -> None:
+        """Check every input before Ray starts: a refused run leaves nothing behind.
+
+        Raises:
+            ConfigError: inputs the mode needs are missing, exact mixing cannot hold the ratio, tuned masks without
+                thresholds.
+            CheckpointError: a teacher or ``encoder_init`` of another architecture or size.
+            AnnotationError, StoreError, InputError: the expert set, the pseudo set, or a patient in two sets.
+        """
+        ts, inputs = self.ts, self.inputs
+        if ts.mode == "semi":
+            self.mixing_policy(rank=0)  # refuses round(w * B) in {0, B} for exact mixing
+        if ts.mode == "distill":
+            self._check_teacher()
+        if self.model_cfg.encoder_init:
+            self._check_encoder_init()
+        if self.uses_pseudo and not (inputs.pseudo_store and inputs.pseudo_manifest):
+            raise ConfigError(
+                f"train_segmentation.mode={ts.mode} trains on the pseudo-labelled set: pass --pseudo-store S.zarr and "
+                "--pseudo-manifest M.parquet (the store chexseg pseudolabel wrote and its manifest)"
+            )
+        if ts.mode in ("weak", "semi"):
+            self.maker = MaskMaker.from_config(self.cfg.masks, inputs.thresholds or None)
+        expert = load_expert_set(
+            inputs.expert_manifest,
+            inputs.expert_annotations,
+            ts.select_fraction,
+            ts.seed,
+            frontal_only=True,
+            limit_train=inputs.expert_limit,
+        )
+        check_mask_sizes(expert.train, expert.source)
+        check_mask_sizes(expert.select, expert.source)
+        if expert.select.num_rows == 0:
+            raise InputError(
+                f"{inputs.expert_manifest}: train_segmentation.select_fraction={ts.select_fraction} leaves no "
+                "expert-select image to choose the epoch and the output thresholds on; raise it"
+            )
+        groups = {"expert-train": _patients(expert.train), "expert-select": _patients(expert.select)}
+        if self.uses_pseudo:
+            self._pseudo = load_pseudo_set(inputs.pseudo_store, inputs.pseudo_manifest)
+            groups["pseudo"] = _patients(self._pseudo.rows)
+            self.n_pseudo = len(self._pseudo)
+            self.pseudo_failed, self.pseudo_pending = self._pseudo.failed, self._pseudo.pending
+        if inputs.holdout_manifest:
+            groups["test"] = _patients(read_manifest(inputs.holdout_manifest))
+        check_disjoint(groups)
+        self._expert = expert
+        self.n_expert_train = expert.train.num_rows if self.uses_expert else 0
+        self.n_select = expert.select.num_rows
+
+    def _check_teacher(self) -> None:
+        teacher = self.ts.teacher
+        if not teacher:
+            raise ConfigError(
+                "train_segmentation.mode=distill needs a teacher: --set train_segmentation.teacher=CKPT (a trained "
+                "full-mode segmentation checkpoint)"
+            )
+        meta = read_segmentation_meta(teacher)
+        mine = (self.model_cfg.arch, self.model_cfg.encoder, self.model_cfg.image_size)
+        theirs = (meta["arch"], meta["encoder"], int(meta["image_size"]))
+        if mine != theirs:
+            raise CheckpointError(
+                f"train_segmentation.teacher={teacher} is {theirs[0]}/{theirs[1]} at {theirs[2]} px but the student is "
+                f"{mine[0]}/{mine[1]} at {mine[2]} px; distil into the teacher's architecture and size"
+            )
+
+    def _check_encoder_init(self) -> None:
+        path = self.model_cfg.encoder_init
+        arch = read_meta(path)["arch"]
+        if arch != self.model_cfg.encoder:
+            raise CheckpointError(
+                f"segmentation.encoder_init={path} is a {arch} classifier; it cannot initialise a "
+                f"{self.model_cfg.encoder} encoder: train a {self.model_cfg.encoder} classifier or set "
+                f"segmentation.encoder={arch}"
+            )
+
+    def mixing_policy(self, rank: int) -> Any:
+        """The configured mixing policy for one worker (semi)."""
+        ts = self.ts
+        return MIXING_POLICIES.get(ts.mixing, "train_segmentation.mixing")(
+            ts.expert_ratio, ts.batch_size, ts.seed, rank
+        )
+
+    def datasets(self) -> dict[str, Any]:
+        assert self._expert is not None, "prepare() first"
+        out: dict[str, Any] = {}
+        if self.uses_expert:
+            out["expert_train"] = self._expert_dataset(self._expert.train, "expert_train")
+        out["expert_select"] = self._expert_dataset(self._expert.select, "expert_select")
+        if self.uses_pseudo:
+            assert self._pseudo is not None
+            for rank, share in enumerate(self._pseudo.shares(self.ts.num_workers)):
+                out[f"pseudo_{rank}"] = self._pseudo_dataset(share)
+        return out
+
+    def _decode_kwargs(self, split: str) -> dict[str, Any]:
+        return {
+            "image_size": self.model_cfg.image_size,
+            "keep_failed": False,
+            "failures_dir": fsio.join(self.failures_dir, split),
+            "run_id": self.run_id,
+        }
+
+    def _expert_dataset(self, table: pa.Table, split: str) -> Any:
+        import ray.data
+
+        columns = ["row", "image_id", "path", "masks_json"]
+        blocks = [
+            table.select(columns).slice(i, EXPERT_ROWS_PER_BLOCK)
+            for i in range(0, table.num_rows, EXPERT_ROWS_PER_BLOCK)
+        ]
+        ds: Any = ray.data.from_arrow(blocks)
+        cpus = self.ts.decode_cpus
+        ds = ds.map_batches(
+            decode_frames,  # type: ignore[arg-type]
+            fn_kwargs=self._decode_kwargs(split),
+            batch_format="numpy",
+            batch_size=DECODE_BATCH,
+            num_cpus=cpus,
+        )
+        return ds.map_batches(
+            _expert_rows,  # type: ignore[arg-type]
+            batch_format="numpy",
+            batch_size=DECODE_BATCH,
+            num_cpus=cpus,
+        )
+
+    def _pseudo_dataset(self, share: list[pa.Table]) -> Any:
+        import ray.data
+
+        assert self._pseudo is not None
+        cpus = self.ts.decode_cpus
+        ds: Any = ray.data.from_arrow(share).randomize_block_order()
+        ds = ds.map_batches(
+            read_chunk,  # type: ignore[arg-type]
+            fn_kwargs={"store_uri": self._pseudo.store},
+            batch_format="numpy",
+            batch_size=None,  # one task per chunk: a chunk is read once
+            num_cpus=cpus,
+        )
+        ds = ds.map_batches(
+            decode_frames,  # type: ignore[arg-type]
+            fn_kwargs=self._decode_kwargs("pseudo"),
+            batch_format="numpy",
+            batch_size=DECODE_BATCH,
+            num_cpus=cpus,
+        )
+        return ds.map_batches(
+            pseudo_targets,  # type: ignore[arg-type]
+            fn_kwargs={"maker": self.maker, "ignore_uncertain": self.ts.ignore_uncertain},
+            batch_format="numpy",
+            batch_size=DECODE_BATCH,
+            num_cpus=cpus,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        m = self.model_cfg
+        return {
+            "task": self.name,
+            "mode": self.ts.mode,
+            "arch": m.arch,
+            "encoder": m.encoder,
+            "image_size": m.image_size,
+        }
+
+    def describe(self) -> str:
+        ts, m = self.ts, self.model_cfg
+        parts = [f"mode {ts.mode}"]
+        if self.uses_expert:
+            parts.append(f"{self.n_expert_train} expert-train image(s)")
+        parts.append(f"{self.n_select} expert-select image(s)")
+        if self.uses_pseudo:
+            left = f"; {self.pseudo_failed} failed and {self.pseudo_pending} pending rows left out"
+            parts.append(
+                f"{self.n_pseudo} pseudo-labelled image(s){left if self.pseudo_failed or self.pseudo_pending else ''}"
+            )
+        if ts.mode == "semi":
+            parts.append(f"w = {ts.expert_ratio} ({ts.mixing})")
+        device = "GPU" if ts.use_gpu else "CPU"
+        parts.append(
+            f"{m.arch}/{m.encoder} at {m.image_size} px, batch {ts.batch_size}, {self.steps_per_epoch(ts.num_workers)} "
+            f"steps x {ts.epochs} epochs on {ts.num_workers} worker(s) ({device})"
+        )
+        return "; ".join(parts)
+
+    def export(
+        self, state: Mapping[str, Any], best: Mapping[str, Any], history: list[dict[str, Any]], out: str, extra: dict
+    ) -> dict[str, str]:
+        m = self.model_cfg
+        kw = {}
+        if m.encoder_init:  # the copied backbone came with its classifier's normalisation
+            norm = read_meta(m.encoder_init)["normalisation"]
+            kw = {"mean": norm["mean"], "std": norm["std"]}
+        model = create_segmentation(m.arch, m.encoder, **kw)
+        model.load_state_dict(state["model"])
+        metrics = dict(best)
+        metrics["mode"] = self.ts.mode
+        metrics["expert_ratio_effective"] = _effective_ratio(history)
+        thresholds = [best[f"threshold/{t}"] for t in TASKS]
+        save_segmentation(
+            out, model, image_size=m.image_size, thresholds=thresholds, config=self.cfg.to_dict(), metrics=metrics
+        )
+        files = {"checkpoint": out, **write_history(out, metrics, history)}
+        failures = write_failures(out, self.failures_dir, FAILURE_SPLITS)
+        if failures:
+            files["failures"] = failures
+        files["config"] = save_config(self.cfg, out, extra=extra)
+        return files
+
+    # ---------------------------------------------------------------- worker
+    def steps_per_epoch(self, world: int) -> int:
+        ts = self.ts
+        if ts.steps_per_epoch:
+            return ts.steps_per_epoch
+        rows = self.n_expert_train + (self.n_pseudo if self.uses_pseudo else 0)
+        return max(1, math.ceil(rows / world / ts.batch_size))
+
+    def build(self, steps_per_epoch: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        m = self.model_cfg
+        model = create_segmentation(m.arch, m.encoder)
+        if m.encoder_init:
+            init_encoder_from_classifier(model, m.encoder_init)
+        return model, torch.optim.Adam(model.parameters(), lr=self.ts.lr), None
+
+    def _experts_in(self, policy: Any, step: int) -> int:
+        if self.ts.mode == "full":
+            return self.ts.batch_size
+        if self.ts.mode == "semi":
+            return int(policy.experts(step))
+        return 0
+
+    def _sources(self, shards: Mapping[str, Any], ctx: WorkerContext) -> None:
+        """Build this worker's expert pool and pseudo stream on first use (they persist across epochs)."""
+        if self.uses_expert and self._pool is None:
+            rows = _collect(shards["expert_train"])
+            if not rows:
+                raise TrainingError(
+                    "no expert-train image could be read or decoded (the failures table names them); check the "
+                    "expert manifest's paths"
+                )
+            self._pool = ExpertPool(rows, self.ts.seed, ctx.rank)
+        if self.uses_pseudo and self._stream is None:
+            shard = shards[f"pseudo_{ctx.rank}"]
+            seed = self.ts.seed * 1000 + ctx.rank
+
+            def restart() -> Iterator[Mapping[str, np.ndarray]]:
+                return iter(
+                    shard.iter_batches(
+                        batch_size=STREAM_BATCH,
+                        batch_format="numpy",
+                        local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                        local_shuffle_seed=seed + (self._stream.passes if self._stream else 0),
+                    )
+                )
+
+            self._stream = RowStream(restart, f"pseudo-labelled share of worker {ctx.rank}")
+
+    def train_batches(self, shards: Mapping[str, Any], ctx: WorkerContext) -> Iterator[Any]:
+        self._sources(shards, ctx)
+        ts = self.ts
+        policy = self.mixing_policy(ctx.rank) if ts.mode == "semi" else None
+        steps = self.steps_per_epoch(ctx.world)
+        for step in range(steps):
+            k = self._experts_in(policy, ctx.epoch * steps + step)
+            parts = []
+            if k:
+                assert self._pool is not None
+                rows = self._pool.take(k)
+                weights = np.full((k, N_TASKS), ts.expert_weight, dtype=np.float32)
+                parts.append(
+                    {"image_id": rows["image_id"], "frame": rows["frame"], "masks": rows["masks"], "weights": weights}
+                )
+            if ts.batch_size - k:
+                assert self._stream is not None
+                rows = self._stream.take(ts.batch_size - k)
+                part = {"image_id": rows["image_id"], "frame": rows["frame"]}
+                part["weights"] = np.asarray(rows["weights"], dtype=np.float32) * np.float32(ts.pseudo_weight)
+                if "masks" in rows:
+                    part["masks"] = rows["masks"]
+                parts.append(part)
+            yield _to_torch(parts, k, ctx.device)
+
+    def _teacher_on(self, device: torch.device) -> nn.Module:
+        if self._teacher is None:
+            self._teacher = load_segmentation(self.ts.teacher, device).model
+        return self._teacher
+
+    def train_step(self, model: nn.Module, batch: Any, ctx: WorkerContext) -> StepResult:
+        ts = self.ts
+        x = batch["image"].unsqueeze(1).float().div_(255.0)
+        masks = batch.get("masks")
+        if ts.augment:
+            x, masks = augment_pair(x, masks, ts, ctx.generator)
+        n, k = int(x.shape[0]), int(batch["experts"])
+        with autocast(ctx.device, ts.amp):
+            logits = model(x)
+        if ts.mode == "distill":
+            with torch.no_grad(), autocast(ctx.device, ts.amp):
+                teacher_logits = self._teacher_on(ctx.device)(x)
+            loss = distillation_loss(logits, teacher_logits, ts.distill_temperature)
+            parts = {"expert_rows": 0.0, "pseudo_rows": float(n), "pseudo_loss_sum": float(loss.detach()) * n}
+            return StepResult(loss=loss, images=n, parts=parts, ids=batch["ids"])
+        assert masks is not None
+        loss_fn = SEGMENTATION_LOSSES.get(ts.loss, "train_segmentation.loss")
+        weights = batch["weights"]
+        loss = loss_fn(logits, masks, weights)
+        parts = {"expert_rows": float(k), "pseudo_rows": float(n - k), f"{HISTOGRAM}{k}": 1.0}
+        with torch.no_grad():  # the loss of each source alone, for the progress line
+            if k:
+                parts["expert_loss_sum"] = float(loss_fn(logits[:k], masks[:k], weights[:k])) * k
+            if n - k:
+                parts["pseudo_loss_sum"] = float(loss_fn(logits[k:], masks[k:], weights[k:])) * (n - k)
+        return StepResult(loss=loss, images=n, parts=parts, ids=batch["ids"])
+
+    def part_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
+        images = sums.get("images", 0.0)
+        e, p = sums.get("expert_rows", 0.0), sums.get("pseudo_rows", 0.0)
+        out = {"expert_share": e / images if images else float("nan")}
+        out["train_loss_expert"] = sums.get("expert_loss_sum", 0.0) / e if e else float("nan")
+        out["train_loss_pseudo"] = sums.get("pseudo_loss_sum", 0.0) / p if p else float("nan")
+        out["train_expert_rows"], out["train_pseudo_rows"] = e, p
+        # Batches by their number of expert rows, over all workers: one bar under exact mixing.
+        out.update({k: v for k, v in sums.items() if k.startswith(HISTOGRAM)})
+        return out
+
+    def progress(self, sums: Mapping[str, float]) -> str:
+        m = self.part_metrics(sums)
+        words = []
+        if sums.get("expert_rows"):
+            words.append(f"expert {m['train_loss_expert']:.4f}")
+        if sums.get("pseudo_rows"):
+            words.append(f"{'teacher' if self.ts.mode == 'distill' else 'pseudo'} {m['train_loss_pseudo']:.4f}")
+        if self.ts.mode == "semi":
+            words.append(f"expert share {m['expert_share']:.3f}")
+        return "(" + ", ".join(words) + ")" if words else ""
+
+    def validate(self, model: nn.Module, shards: Mapping[str, Any], ctx: WorkerContext) -> dict[str, Any]:
+        if ctx.rank != 0:
+            return {}
+        if self._select is None:
+            self._select = _collect(shards["expert_select"])
+            if not self._select:
+                raise TrainingError("no expert-select image could be read or decoded (the failures table names them)")
+        sel = self._select
+        size = self.model_cfg.image_size
+        t0 = time.perf_counter()
+        probs = predict_probs(model, sel["frame"], 2 * self.ts.batch_size, ctx.device, self.ts.amp)
+        counts = select_counts(probs, sel["masks"], content_masks(sel["letterbox"], size), self.ts.threshold_steps)
+        chosen = choose_output_thresholds([str(i) for i in sel["image_id"]], *counts, self.ts.threshold_steps)
+        metrics: dict[str, Any] = {
+            "score": chosen["score"],
+            "select_miou_full": chosen["score"],
+            "select_miou_tp": float(np.nanmean(chosen["miou_tp"])) if np.isfinite(chosen["miou_tp"]).any() else -1.0,
+            "select_images": len(sel["image_id"]),
+            "select_time_s": time.perf_counter() - t0,
+        }
+        for k, task in enumerate(TASKS):
+            metrics[f"threshold/{task}"] = float(chosen["thresholds"][k])
+            metrics[f"select_iou/{task}"] = _num(chosen["miou_full"][k])
+            metrics[f"select_positives/{task}"] = int(chosen["positives"][k])
+        metrics["failed_images"] = len(read_run_failures(self.failures_dir, FAILURE_SPLITS))
+        return metrics
+
+    def epoch_line(self, epoch: int, metrics: Mapping[str, Any]) -> str:
+        ts = self.ts
+        sources = []
+        if metrics.get("train_expert_rows"):
+            sources.append(f"expert {metrics['train_loss_expert']:.4f}")
+        if metrics.get("train_pseudo_rows"):
+            sources.append(f"{'teacher' if ts.mode == 'distill' else 'pseudo'} {metrics['train_loss_pseudo']:.4f}")
+        share = f" expert share {metrics['expert_share']:.3f}" if ts.mode == "semi" else ""
+        skipped = f", {metrics['failed_images']} unreadable image(s) left out" if metrics.get("failed_images") else ""
+        return (
+            f"epoch {epoch + 1}/{ts.epochs} train_loss {metrics['train_loss']:.4f} ({', '.join(sources)}){share} "
+            f"select mIoU full {metrics['select_miou_full']:.4f} tp-only {metrics['select_miou_tp']:.4f} "
+            f"({metrics['epoch_time_s']:.1f} s, {metrics['train_images_per_s']:.1f} img/s{skipped})"
+        )
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def _effective_ratio(history: list[dict[str, Any]]) -> float:
+    e = sum(float(m.get("train_expert_rows", 0.0)) for m in history)
+    p = sum(float(m.get("train_pseudo_rows", 0.0)) for m in history)
+    return e / (e + p) if e + p else float("nan")
+
+
+def _expert_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data stage: the expert rows' frames and masks in the student's frame, with their letterboxes."""
+    out = expert_targets(batch)
+    out["letterbox"] = np.asarray(batch["letterbox"], dtype=np.int32)
+    return out
+
+
+def _to_torch(parts: list[dict[str, np.ndarray]], experts: int, device: torch.device) -> dict[str, Any]:
+    """One step's batch (expert rows first) as tensors on the worker's device."""
+    joined = {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if all(name in p for p in parts)}
+    batch: dict[str, Any] = {
+        "image": torch.from_numpy(np.ascontiguousarray(joined["frame"], dtype=np.uint8)).to(device),
+        "weights": torch.from_numpy(np.ascontiguousarray(joined["weights"], dtype=np.float32)).to(device),
+        "ids": [str(i) for i in joined["image_id"]],
+        "experts": experts,
+    }
+    if "masks" in joined:
+        batch["masks"] = torch.from_numpy(np.ascontiguousarray(joined["masks"], dtype=np.uint8)).to(device)
+    return batch
+
+
+def train_segmentation(
+    cfg: Config, inputs: StudentInputs, out: str, *, fault: FaultInjection | None = None, verbose: bool = True
+) -> TrainResult:
+    """Train the student with Ray Train and write the best epoch as a segmentation checkpoint into ``out``.
+
+    Starts a local Ray (or attaches to the cluster, under ``ray job submit``) unless Ray is running, once every
+    input has been checked. Re-running with the same ``out`` (or ``train_segmentation.run_name`` and
+    ``storage_path``) resumes the run at its next epoch; a run of another mode, architecture, encoder or size is
+    refused.
+
+    Raises:
+        ChexsegError: bad input (naming the file, row, id or field) or a resumed run of another identity.
+        RuntimeError: training failed after ``max_failures`` retries (the Ray error is chained).
+    """
+    storage, run_name = resolve_run(cfg.train_segmentation, out, "segmentation")
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    task = SegmentationTask(cfg, inputs, fsio.join(storage, run_name, "failures"), run_id)
+    result = fit(task, out, fault=fault, default_name="segmentation")
+    if verbose:
+        say(format_summary(result, cfg.train_segmentation.mode))
+    return result
+
+
+def format_summary(res: TrainResult, mode: str) -> str:
+    """The final table: per-pathology output threshold and expert-select mIoU of the best epoch, and wall time."""
+    best = res.best_metrics
+    width = max(len(t) for t in TASKS)
+    lines = [
+        "",
+        f"Segmentation student ({mode}): best epoch {res.best_epoch + 1} of {len(res.history)} "
+        f"(expert-select, {best['select_images']} images, full-mode mIoU in the student's frame)",
+        f"  {'pathology':<{width}}  threshold  mIoU full  positives",
+    ]
+    for task in TASKS:
+        iou = best.get(f"select_iou/{task}")
+        lines.append(
+            f"  {task:<{width}}  {best[f'threshold/{task}']:9.2f}  "
+            f"{'     –   ' if iou is None else f'{iou:9.4f}'}  {best[f'select_positives/{task}']:9d}"
+        )
+    lines.append(f"  {'mean (pathologies with a positive)':<{width}}  {'':9s}  {best['select_miou_full']:9.4f}")
+    share = _effective_ratio(res.history)
+    if mode == "semi":
+        lines.append(f"Effective expert share {share:.4f} over {len(res.history)} epoch(s).")
+    lines += [
+        f"Wall time {res.wall_time_s:.1f} s (this invocation; started at epoch {res.start_epoch + 1}).",
+        f"Checkpoint {res.out}; metrics {res.files.get('metrics_json', '')}; Ray run {res.storage_path}/{res.run_name}",
+    ]
+    if "failures" in res.files:
+        lines.append(
+            f"Images left out (unreadable): {best.get('failed_images', '?')}, listed in {res.files['failures']}"
+        )
+    return "\n".join(lines)
