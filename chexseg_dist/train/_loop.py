@@ -78,7 +78,8 @@ class StepResult:
     Attributes:
         loss: the scalar to minimise (still attached to the graph).
         images: images in the step (the epoch's mean loss is weighted by them).
-        parts: further per-step sums to all-reduce and report (e.g. loss per data source), weighted by ``images``.
+        parts: further per-step sums to all-reduce and report (e.g. loss per data source), weighted by ``images``;
+            every key must be one of the task's :meth:`Task.part_keys` (the workers all-reduce the same vector).
         ids: the batch's image ids, named if the loss is not finite.
     """
 
@@ -161,6 +162,11 @@ class TrainTask(ABC):
     @abstractmethod
     def validate(self, model: nn.Module, shards: Mapping[str, Any], ctx: WorkerContext) -> dict[str, Any]:
         """Score the epoch; rank 0's metrics must hold ``score`` (higher is better). Called on every rank."""
+
+    def part_keys(self) -> Sequence[str]:
+        """Every key a :attr:`StepResult.parts` may hold. Each worker's epoch sums start at 0 for all of them, so
+        every worker all-reduces the same vector even when its steps produced different keys (default: none)."""
+        return ()
 
     def part_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         """Metrics from summed :attr:`StepResult.parts` (``sums`` also holds ``loss`` and ``images``); by default
@@ -315,7 +321,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         wctx.epoch = epoch
         t0 = time.perf_counter()
         model.train()
-        sums: dict[str, float] = {"loss": 0.0, "images": 0.0}
+        sums: dict[str, float] = {"loss": 0.0, "images": 0.0, **dict.fromkeys(task.part_keys(), 0.0)}
         for step, batch in enumerate(task.train_batches(shards, wctx), start=1):
             result = task.train_step(model, batch, wctx)
             loss_value = float(result.loss.detach())
@@ -335,7 +341,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
             sums["loss"] += loss_value * result.images
             sums["images"] += result.images
             for key, value in result.parts.items():
-                sums[key] = sums.get(key, 0.0) + value
+                if key not in sums:
+                    # A key one worker has and another lacks would all-reduce vectors of different lengths: a hang.
+                    raise TrainingError(f"[{task.name}] step part {key!r} is not among the task's part_keys()")
+                sums[key] += value
             if loop.log_every_steps and step % loop.log_every_steps == 0:
                 elapsed = time.perf_counter() - t0
                 rate = sums["images"] * world / max(elapsed, 1e-9)

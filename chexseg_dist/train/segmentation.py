@@ -205,7 +205,9 @@ def choose_output_thresholds(
         if positives[k] == 0:
             continue
         j = int(np.nanargmax(full[k]))  # gt-positive pairs are always kept in full mode: no all-NaN row
-        thresholds[k], miou_full[k], miou_tp[k] = table.grid[j], full[k, j], tp[k, j]
+        # A pathology with positives but no kept tp-only pair counts 0, as in the experiment's comparison metric.
+        thresholds[k], miou_full[k] = table.grid[j], full[k, j]
+        miou_tp[k] = tp[k, j] if np.isfinite(tp[k, j]) else 0.0
     scored = miou_full[positives > 0]
     return {
         "thresholds": thresholds,
@@ -600,6 +602,10 @@ class SegmentationTask(TrainTask):
                 parts["pseudo_loss_sum"] = float(loss_fn(logits[k:], masks[k:], weights[k:])) * (n - k)
         return StepResult(loss=loss, images=n, parts=parts, ids=batch["ids"])
 
+    def part_keys(self) -> list[str]:
+        sources = ["expert_rows", "pseudo_rows", "expert_loss_sum", "pseudo_loss_sum"]
+        return sources + [f"{HISTOGRAM}{k}" for k in range(self.ts.batch_size + 1)]
+
     def part_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         images = sums.get("images", 0.0)
         e, p = sums.get("expert_rows", 0.0), sums.get("pseudo_rows", 0.0)
@@ -608,7 +614,7 @@ class SegmentationTask(TrainTask):
         out["train_loss_pseudo"] = sums.get("pseudo_loss_sum", 0.0) / p if p else float("nan")
         out["train_expert_rows"], out["train_pseudo_rows"] = e, p
         # Batches by their number of expert rows, over all workers: one bar under exact mixing.
-        out.update({k: v for k, v in sums.items() if k.startswith(HISTOGRAM)})
+        out.update({k: v for k, v in sums.items() if k.startswith(HISTOGRAM) and v})
         return out
 
     def progress(self, sums: Mapping[str, float]) -> str:
@@ -638,7 +644,7 @@ class SegmentationTask(TrainTask):
         metrics: dict[str, Any] = {
             "score": chosen["score"],
             "select_miou_full": chosen["score"],
-            "select_miou_tp": float(np.nanmean(chosen["miou_tp"])) if np.isfinite(chosen["miou_tp"]).any() else -1.0,
+            "select_miou_tp": float(np.nanmean(chosen["miou_tp"])) if np.isfinite(chosen["miou_tp"]).any() else 0.0,
             "select_images": len(sel["image_id"]),
             "select_time_s": time.perf_counter() - t0,
         }
