@@ -68,7 +68,11 @@ FLAG_OVERRIDES: dict[str, tuple[Flag, ...]] = {
         Flag("manifest", "masks.label_gating", lambda _: True),
         Flag("workers", "masks.workers"),
     ),
-    "train-segmentation": (Flag("mode", "train_segmentation.mode"),),
+    "train-segmentation": (
+        Flag("mode", "train_segmentation.mode"),
+        # Tuned thresholds given: the pseudo-masks are made with them.
+        Flag("thresholds", "masks.strategy", lambda _: "tuned"),
+    ),
     "evaluate": (
         Flag("full", "evaluate.full"),
         Flag("allow_missing", "evaluate.allow_missing"),

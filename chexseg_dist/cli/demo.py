@@ -51,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
+    from chexseg_dist.cli._args import load_command_config
     from chexseg_dist.core.ray_env import ray_session
 
+    cfg = load_command_config("demo", args)
     out = os.path.abspath(args.out)
     cfg_args = ["--preset", args.preset, *(["--config", args.config] if args.config else [])]
     for item in args.overrides:
@@ -166,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         ],
     )
     student, expert = f"{out}/student/semi", f"{out}/student/expert"
+    # Tune on the masks the student's label gating will make (the expert images' labels).
+    gating = ["--manifest", f"{manifests}/valid.parquet"] if cfg.train_segmentation.label_gating else []
     annotations = f"{data}/expert_segmentations_valid.json"
     stage(
         "expert split (annotator's valid masks)",
@@ -174,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     stage(
         "tune pseudo-mask thresholds on expert-train",
-        ["tune-thresholds", "--store", f"{maps}/valid.zarr", "--gt", f"{expert}/expert_train.json", "--out",
+        ["tune-thresholds", "--store", f"{maps}/valid.zarr", "--gt", f"{expert}/expert_train.json", *gating, "--out",
          f"{out}/student/thresholds.json", *cfg_args],
     )  # fmt: skip
     with ray_session():  # one Ray for training and segmenting

@@ -185,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{maps}/valid.zarr",
                 "--gt",
                 f"{split}/expert_train.json",
+                # The labels: tune on the masks the student's label gating will make.
+                *(["--manifest", f"{man}/valid.parquet"] if cfg.train_segmentation.label_gating else []),
                 "--out",
                 f"{base}/thresholds{suffix}.json",
                 *cfg_args,

@@ -8,8 +8,10 @@ mixing=bernoulli), distill (the pseudo set's images with a trained full-mode tea
 Reads: the expert set (--expert-manifest and --expert-annotations: CheXlocalize segmentation or polygon JSON of
 every image, all 10 pathologies), split by patient into expert-train and expert-select; for weak, semi and distill
 the pseudo-labelled set (--pseudo-store, a map store written by chexseg pseudolabel, and --pseudo-manifest, the
-manifest it was written for); --thresholds (chexseg tune-thresholds on expert-train) for masks.strategy=tuned;
---test (a manifest whose patients must not appear in training).
+manifest it was written for; its pseudo-masks are gated by its images' labels unless
+train_segmentation.label_gating=false); --thresholds (chexseg tune-thresholds on expert-train, with --manifest when
+gating) to make the pseudo-masks with tuned thresholds instead of masks.strategy's; --test (a manifest whose
+patients must not appear in training).
 Writes: OUT, a segmentation checkpoint directory (model.pt + segmentation.json with the per-pathology output
 thresholds chosen on expert-select), metrics.json / metrics.csv (every epoch), config.yaml and, when images could not
 be read, failures.csv; the Ray Train run under train_segmentation.storage_path (default OUT.ray). Re-running the same
@@ -57,7 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pseudo-store", default=None, help="map store of the pseudo-labelled images (weak/semi/distill)"
     )
     parser.add_argument("--pseudo-manifest", default=None, help="the manifest the map store was written for")
-    parser.add_argument("--thresholds", default=None, help="tuned thresholds (for masks.strategy=tuned pseudo-masks)")
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        help="tuned thresholds: the pseudo-masks are made with them (sets masks.strategy=tuned)",
+    )
     parser.add_argument("--test", default=None, help="held-out manifest: refuse training on any of its patients")
     parser.add_argument(
         "--expert-limit", type=int, default=None, help="use only the first N expert-train images (expert-size curve)"

@@ -356,6 +356,11 @@ class TrainSegmentationConfig(Section):
     """Weight of the pseudo-labelled rows' loss."""
     ignore_uncertain: bool = False
     """Leave a pseudo row's channel out of the loss when that image's label for the pathology is uncertain (-1)."""
+    label_gating: bool = True
+    """Gate the pseudo-masks by the pseudo-labelled images' own labels: a pathology's mask is kept only where the
+    image is labelled positive (its label is known, so a mask elsewhere is known to be wrong). This replaces
+    masks.label_gating for the student (that one serves export-masks and overlays, where the labels may be a test
+    split's); tune the pseudo-mask thresholds the same way (chexseg tune-thresholds --manifest)."""
     teacher: str = ""
     """distill: a trained full-mode segmentation checkpoint (same architecture and frame size)."""
     distill_temperature: float = 10.0

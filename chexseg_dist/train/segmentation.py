@@ -34,6 +34,7 @@ thresholds (:func:`~chexseg_dist.models.segmentation.save_segmentation`) plus ``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -309,7 +310,8 @@ class SegmentationTask(TrainTask):
                 "--pseudo-manifest M.parquet (the store chexseg pseudolabel wrote and its manifest)"
             )
         if ts.mode in ("weak", "semi"):
-            self.maker = MaskMaker.from_config(self.cfg.masks, inputs.thresholds or None)
+            maker = MaskMaker.from_config(self.cfg.masks, inputs.thresholds or None)
+            self.maker = dataclasses.replace(maker, label_gating=ts.label_gating)
         expert = load_expert_set(
             inputs.expert_manifest,
             inputs.expert_annotations,

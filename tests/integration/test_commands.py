@@ -40,6 +40,11 @@ def test_demo_runs_end_to_end_at_miniature_size(tmp_path: Path) -> None:
         "classifier.image_size=64",
         "train_classifier.epochs=1",
         "train_classifier.batch_size=16",
+        "segmentation.image_size=64",
+        "train_segmentation.steps_per_epoch=3",
+        "train_segmentation.epochs=1",
+        "train_segmentation.batch_size=4",
+        "train_segmentation.torch_threads=1",
     ]
     cmd = [sys.executable, "-m", "chexseg_dist.cli.main", "demo", "--out", str(out), "--n-overlays", "1"]
     cmd += [arg for item in overrides for arg in ("--set", item)]
@@ -50,12 +55,13 @@ def test_demo_runs_end_to_end_at_miniature_size(tmp_path: Path) -> None:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     console = done.stdout
-    for stage in ("$ chexseg synth", "$ chexseg train-classifier", "$ chexseg pseudolabel", "$ chexseg evaluate"):
-        assert stage in console
+    for stage in ("$ chexseg synth", "$ chexseg train-classifier", "$ chexseg pseudolabel", "$ chexseg evaluate",
+                  "$ chexseg train-segmentation --mode semi", "$ chexseg segment"):  # fmt: skip
+        assert stage in console, stage
     assert "[train-classifier] epoch 1/1" in console and "Demo finished" in console
     assert "pseudolabel: processed 10, skipped 0 (already done), failed 0" in console
     _assert_quiet(console + done.stderr, out / "demo.log")
-    for report in ("otsu", "tuned"):
+    for report in ("otsu", "tuned", "semi"):
         summary = json.loads((out / "eval" / report / "summary.json").read_text())
         assert summary["n_images"] == 10 and set(summary["pathologies"]) >= {"Cardiomegaly", "Edema"}
     assert len(list((out / "overlays").glob("*.png"))) == 1

@@ -120,6 +120,17 @@ def test_pseudo_masks_at_the_students_size_equal_maskmaker_at_that_size(world: d
     assert pseudo.failed == 0 and pseudo.pending == 0 and len(pseudo) == read_manifest(world["train"]).num_rows
 
 
+def test_the_students_pseudo_masks_are_gated_by_its_own_setting_not_the_export_one(world: dict[str, str]) -> None:
+    # The pseudo-labelled images' labels gate their masks by default, whatever masks.label_gating (which serves
+    # export-masks and overlays) says; train_segmentation.label_gating=false turns it off.
+    gated = task(world, "masks.label_gating=false")
+    gated.prepare()
+    assert gated.maker is not None and gated.maker.label_gating
+    plain = task(world, "masks.label_gating=true", "train_segmentation.label_gating=false")
+    plain.prepare()
+    assert plain.maker is not None and not plain.maker.label_gating
+
+
 def test_workers_get_whole_chunks_dealt_in_turn_and_chunks_are_cut_when_there_are_fewer_than_workers(
     world: dict[str, str],
 ) -> None:
