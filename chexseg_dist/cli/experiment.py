@@ -86,6 +86,13 @@ def run(args: argparse.Namespace) -> int:
     )
 
     cfg = load_command_config("experiment", args)
+    if not cfg.train_segmentation.steps_per_epoch:
+        from chexseg_dist.errors import ConfigError
+
+        raise ConfigError(
+            "chexseg experiment compares the modes at equal optimizer steps: set train_segmentation.steps_per_epoch "
+            "(0, one pass over each mode's own rows, gives every mode a different number of steps)"
+        )
     data, out = os.path.abspath(args.data), os.path.abspath(args.out)
     sizes = _sizes(args.expert_sizes)
     for name in ("train.csv", "valid.csv", "test.csv", "gt_segmentations_test.json", *SETTINGS.values()):

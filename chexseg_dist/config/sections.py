@@ -346,8 +346,9 @@ class TrainSegmentationConfig(Section):
     """Adam learning rate (the paper: 1e-4, no schedule)."""
     epochs: int = 5
     steps_per_epoch: int = 0
-    """Optimizer steps per epoch and worker; 0 = one pass over the pseudo set (weak, semi, distill) or the expert set
-    (full). Give it explicitly to compare modes at equal steps."""
+    """Optimizer steps per epoch and worker; 0 = one pass over the rows the mode trains on (weak and distill: the
+    pseudo set; full: expert-train; semi: both) split over the workers. Give it explicitly to compare modes at equal
+    steps (chexseg experiment needs it)."""
     loss: str = "dice"
     """dice (class-averaged soft Dice, the paper's) or bce_dice (binary cross-entropy plus soft Dice)."""
     expert_weight: float = 1.0

@@ -39,7 +39,7 @@ def comparison(summary: Mapping[str, Any], scored: Sequence[str]) -> dict[str, A
     """One row of the comparison from an evaluation ``summary.json`` (tp-only mode).
 
     Returns:
-        ``{"mean_miou", "pathologies": {name: {"miou", "ci", "n"}}, "mean_ci_evaluate"}``: ``mean_miou`` is the
+        ``{"mean_miou", "pathologies": {name: {"miou", "ci", "n"}}, "n_images"}``: ``mean_miou`` is the
         comparison metric; ``miou`` is None where no pair was kept (it counts 0 in the mean).
     """
     if summary.get("mode") != "tp_only":

@@ -1,5 +1,5 @@
 """Training on Ray Train: one shared loop (resume, checkpoints, retries, fault drill, progress) and the tasks that
-plug into it (the saliency classifier; the segmentation student lands beside it)."""
+plug into it (the saliency classifier and the segmentation student)."""
 
 from chexseg_dist.train._loop import (
     FAIL_ONCE_ENV,

@@ -1,4 +1,4 @@
-"""The one Ray Train scaffolding every training task plugs into (the classifier today; the student next).
+"""The one Ray Train scaffolding every training task plugs into (the classifier and the segmentation student).
 
 A task is a small object (:class:`TrainTask`): it builds its datasets and model, says what one step computes, scores
 an epoch and exports the best one. The loop owns everything else, the same for every task:

@@ -489,14 +489,15 @@ class SegmentationTask(TrainTask):
         metrics["mode"] = self.ts.mode
         metrics["expert_ratio_effective"] = _effective_ratio(history)
         thresholds = [best[f"threshold/{t}"] for t in TASKS]
-        save_segmentation(
-            out, model, image_size=m.image_size, thresholds=thresholds, config=self.cfg.to_dict(), metrics=metrics
-        )
         files = {"checkpoint": out, **write_history(out, metrics, history)}
         failures = write_failures(out, self.failures_dir, FAILURE_SPLITS)
         if failures:
             files["failures"] = failures
         files["config"] = save_config(self.cfg, out, extra=extra)
+        # Last: segmentation.json marks a finished export (chexseg experiment reuses a student when it exists).
+        save_segmentation(
+            out, model, image_size=m.image_size, thresholds=thresholds, config=self.cfg.to_dict(), metrics=metrics
+        )
         return files
 
     # ---------------------------------------------------------------- worker

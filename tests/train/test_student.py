@@ -265,3 +265,7 @@ def test_the_cli_refuses_bad_student_input_in_one_line(
     refused([*base, "--mode", "weak"], capsys, "--pseudo-store")
     refused([*base, "--mode", "full", "--test", world["valid"]], capsys, "in both expert-train and test", "patient")
     assert not (tmp_path / "s").exists()  # refused before anything was written
+    # The experiment compares modes at equal optimizer steps: "one pass over each mode's rows" is refused.
+    experiment = ["experiment", "--data", world["data"], "--out", str(tmp_path / "e")]
+    refused([*experiment, "--set", "train_segmentation.steps_per_epoch=0"], capsys, "steps_per_epoch")
+    assert not (tmp_path / "e").exists()
