@@ -170,23 +170,27 @@ def run(args: argparse.Namespace) -> int:
     student, expert = f"{out}/student/semi", f"{out}/student/expert"
     # Tune on the masks the student's label gating will make (the expert images' labels).
     gating = ["--manifest", f"{manifests}/valid.parquet"] if cfg.train_segmentation.label_gating else []
+    # The pseudo-mask recipe is the config's: tuned thresholds only under masks.strategy=tuned.
+    tuned = cfg.masks.strategy == "tuned"
+    student_thresholds = ["--thresholds", f"{out}/student/thresholds.json"] if tuned else []
     annotations = f"{data}/expert_segmentations_valid.json"
     stage(
         "expert split (annotator's valid masks)",
         ["expert-split", "--manifest", f"{manifests}/valid.parquet", "--annotations", annotations, "--out", expert,
          *cfg_args],
     )  # fmt: skip
-    stage(
-        "tune pseudo-mask thresholds on expert-train",
-        ["tune-thresholds", "--store", f"{maps}/valid.zarr", "--gt", f"{expert}/expert_train.json", *gating, "--out",
-         f"{out}/student/thresholds.json", *cfg_args],
-    )  # fmt: skip
+    if tuned:
+        stage(
+            "tune pseudo-mask thresholds on expert-train",
+            ["tune-thresholds", "--store", f"{maps}/valid.zarr", "--gt", f"{expert}/expert_train.json", *gating,
+             "--out", f"{out}/student/thresholds.json", *cfg_args],
+        )  # fmt: skip
     with ray_session():  # one Ray for training and segmenting
         stage(
             "train a semi-supervised student",
             ["train-segmentation", "--mode", "semi", "--expert-manifest", f"{manifests}/valid.parquet",
              "--expert-annotations", annotations, "--pseudo-store", f"{maps}/train.zarr", "--pseudo-manifest",
-             f"{manifests}/train.parquet", "--thresholds", f"{out}/student/thresholds.json", "--test",
+             f"{manifests}/train.parquet", *student_thresholds, "--test",
              f"{manifests}/test.parquet", "--out", student, *cfg_args],
         )  # fmt: skip
         stage(

@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in SETTINGS.items() if not (args.no_sensitivity and k == "exact")}
     results: dict[str, Any] = {}
 
+    tuned_masks = cfg.masks.strategy == "tuned"
+
     def student(setting: str, mode: str, folder: str, limit: int | None = None) -> dict[str, Any]:
         """Train one student, segment test with it and evaluate; returns its comparison row."""
         base = f"{out}/{setting}"
@@ -134,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
                 "--expert-annotations",
                 f"{data}/{SETTINGS[setting]}",
                 *pseudo,
-                *(["--thresholds", thresholds] if mode in ("weak", "semi") else []),
+                # The pseudo-mask recipe is the config's: tuned thresholds only under masks.strategy=tuned.
+                *(["--thresholds", thresholds] if mode in ("weak", "semi") and tuned_masks else []),
                 "--test",
                 f"{man}/test.parquet",
                 *extra,

@@ -44,6 +44,7 @@ def test_demo_runs_end_to_end_at_miniature_size(tmp_path: Path) -> None:
         "train_segmentation.steps_per_epoch=3",
         "train_segmentation.epochs=1",
         "train_segmentation.batch_size=4",
+        "train_segmentation.expert_ratio=0.5",
         "train_segmentation.torch_threads=1",
     ]
     cmd = [sys.executable, "-m", "chexseg_dist.cli.main", "demo", "--out", str(out), "--n-overlays", "1"]
