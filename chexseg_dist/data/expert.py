@@ -24,6 +24,7 @@ import pyarrow as pa
 from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.pathologies import N_TASKS, TASKS
 from chexseg_dist.data.chexlocalize import (
+    IMG_SIZE_KEY,
     decode_mask,
     polygons_to_segmentations,
     read_polygons,
@@ -58,8 +59,12 @@ def read_annotations(path: str) -> dict[str, dict[str, RLE]]:
     """CheXlocalize segmentation JSON, or polygon JSON (entries with ``img_size``) turned into segmentations."""
     from chexseg_dist.core import fsio
 
-    head = fsio.read_input(path, "expert annotation file")[:4096].decode("utf-8", errors="replace")
-    if '"img_size"' in head:
+    try:
+        data = json.loads(fsio.read_input(path, "expert annotation file"))
+    except ValueError:
+        data = None  # read_segmentations names the file and the problem
+    first = next(iter(data.values()), None) if isinstance(data, dict) else None
+    if isinstance(first, dict) and IMG_SIZE_KEY in first:  # polygon JSON: every entry carries its image size
         return polygons_to_segmentations(read_polygons(path))
     return read_segmentations(path)
 

@@ -255,7 +255,7 @@ def test_four_concurrent_writers_land_every_row(ray_cluster: None, tmp_path: Pat
     class SlowSink(FragmentSink):
         def write(self, blocks, ctx):  # type: ignore[no-untyped-def]
             start = time.time()
-            time.sleep(1.5)  # hold each task open long enough for the others to overlap it
+            time.sleep(3.0)  # hold each task open long enough for the others to overlap it on a busy machine
             result = super().write(blocks, ctx)
             return {**result, "start": start}
 

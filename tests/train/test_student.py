@@ -17,8 +17,8 @@ from student_helpers import SMALL_STUDENT, make_world, write_random_store
 from chexseg_dist.config import load_config
 from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.pathologies import N_TASKS, OBSERVATIONS, TASKS
-from chexseg_dist.data.chexlocalize import encode_mask, read_segmentations, write_segmentations
-from chexseg_dist.data.expert import expert_targets, load_expert_set
+from chexseg_dist.data.chexlocalize import decode_mask, encode_mask, read_segmentations, write_segmentations
+from chexseg_dist.data.expert import expert_targets, load_expert_set, read_annotations
 from chexseg_dist.data.frames import decode_frames
 from chexseg_dist.data.labels import label_column
 from chexseg_dist.data.manifest import read_manifest
@@ -73,6 +73,29 @@ def test_the_expert_split_is_patient_disjoint_seeded_and_the_size_limit_keeps_th
     limited = load_expert_set(world["valid"], world["expert"], 0.25, 1, limit_train=5)
     assert limited.select.column("image_id").to_pylist() == a.select.column("image_id").to_pylist()
     assert limited.train.column("image_id").to_pylist() == a.train.column("image_id").to_pylist()[:5]
+
+
+def test_polygon_expert_files_are_told_from_segmentation_files_by_their_entries(
+    world: dict[str, str], tmp_path: Path
+) -> None:
+    data = Path(world["data"])
+    # The annotator's polygons, rasterised, are its own RLE masks.
+    as_polygons = read_annotations(str(data / "expert_annotations_valid.json"))
+    as_rles = read_annotations(str(data / "expert_segmentations_valid.json"))
+    assert as_polygons.keys() == as_rles.keys()
+    for image_id, tasks in as_rles.items():
+        for task, rle in tasks.items():
+            assert np.array_equal(decode_mask(as_polygons[image_id][task]), decode_mask(rle)), (image_id, task)
+    # A first entry whose polygons fill more than the first 4 KB (keys sorted: img_size comes after them).
+    polygons = json.loads((data / "expert_annotations_valid.json").read_text())
+    first = next(iter(polygons))
+    h, w = polygons[first]["img_size"]
+    ring = [[float(x % w), float((x * 7) % h)] for x in range(800)]
+    polygons[first] = {"Airspace Opacity": [ring], "img_size": [h, w]}
+    big = tmp_path / "big_first.json"
+    big.write_text(json.dumps(polygons, sort_keys=True))
+    assert big.read_text().index('"img_size"') > 4096
+    assert read_annotations(str(big))[first]["Airspace Opacity"]["size"] == [h, w]
 
 
 @pytest.mark.parametrize("shape", [(90, 200), (200, 70), (64, 64)])
