@@ -448,11 +448,12 @@ def test_killed_job_resumes_to_the_same_store(ray_cluster: None, tmp_path: Path)
     ray_tmp = Path(f"/tmp/rk{os.getpid()}_")
     ray_tmp.mkdir(exist_ok=True)
     cmd = [sys.executable, str(REPO / "jobs" / "pseudolabel.py"), "--manifest", manifest, "--checkpoint", ckpt]
+    job_log = tmp_path / "job.log"
     proc = subprocess.Popen(
         [*cmd, "--store", store, *cfg_args],
         env=job_env(ray_tmp),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=job_log.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -467,7 +468,9 @@ def test_killed_job_resumes_to_the_same_store(ray_cluster: None, tmp_path: Path)
                 if committed >= 16:
                     break
             time.sleep(0.05)
-        assert proc.poll() is None, "the job finished before it could be killed; make the corpus larger"
+        assert proc.poll() is None, (
+            f"the job ended (status {proc.returncode}) before it could be killed: {job_log.read_text()[-3000:]}"
+        )
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
