@@ -74,7 +74,6 @@ def prepare(work: Path, n: int, repeat: int, n_expert: int, workers: int = 2) ->
     if not os.path.exists(out["expert_manifest"]):
         write_manifest(manifest_from_csv(str(data / "valid.csv")), out["expert_manifest"])
     base = manifest_from_csv(str(data / "train.csv"))
-    base = base.filter(pc.equal(base.column("view"), "frontal")) if "view" in base.column_names else base
     for k in (1, repeat):
         manifest, store = str(work / f"pseudo_x{k}.parquet"), str(work / f"pseudo_x{k}.zarr")
         out[f"manifest_x{k}"], out[f"store_x{k}"] = manifest, store
@@ -84,7 +83,8 @@ def prepare(work: Path, n: int, repeat: int, n_expert: int, workers: int = 2) ->
         for r in range(k):
             ids = pa.array([f"{i}~r{r}" for i in base.column("image_id").to_pylist()])
             copy = base.set_column(base.column_names.index("image_id"), "image_id", ids)
-            copies.append(copy.set_column(copy.column_names.index("row"), "row", pc.add(base.column("row"), r * 10**7)))
+            copy = copy.set_column(copy.column_names.index("row"), "row", pc.add(base.column("row"), r * 10**7))
+            copies.append(copy.cast(base.schema))
         write_manifest(pa.concat_tables(copies), manifest)
         table = read_manifest(manifest)
         sizes: dict[str, tuple[int, int]] = {}
