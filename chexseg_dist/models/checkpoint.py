@@ -226,6 +226,16 @@ def read_json_meta(path: str, meta_file: str, what: str) -> dict[str, Any]:
     return meta
 
 
+def load_strict(model: nn.Module, state: Mapping[str, Tensor], misfit: str, suffix: str = "") -> None:
+    """``model.load_state_dict(state, strict=True)``; weights that do not fit raise ``CheckpointError`` as
+    ``"<misfit> (<torch's first line>)<suffix>"``."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{misfit} ({first}){suffix}") from None
+
+
 def read_weights(path: str, weights_file: str, fingerprint: str) -> dict[str, Tensor]:
     """Load ``<path>/<weights_file>`` (``weights_only``) and check it against the recorded fingerprint.
 
@@ -326,13 +336,9 @@ def load_checkpoint(
         std=norm["std"],
         **(meta.get("arch_kwargs") or {}),
     )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(
-            f"checkpoint {path}: {WEIGHTS_FILE} does not fit arch={meta['arch']!r} ({first}); it was replaced"
-        ) from None
+    load_strict(
+        model, state, f"checkpoint {path}: {WEIGHTS_FILE} does not fit arch={meta['arch']!r}", "; it was replaced"
+    )
     try:
         model.get_submodule(meta["target_layer"])
     except AttributeError:

@@ -28,7 +28,7 @@ from chexseg_dist.core.pathologies import N_TASKS, TASKS
 from chexseg_dist.core.registry import SEGMENTATION_ARCHS, SEGMENTATION_ENCODERS
 from chexseg_dist.errors import CheckpointError
 from chexseg_dist.models._base import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from chexseg_dist.models.checkpoint import read_json_meta, read_weights, unwrap, write_checkpoint_dir
+from chexseg_dist.models.checkpoint import load_strict, read_json_meta, read_weights, unwrap, write_checkpoint_dir
 
 SEGMENTATION_FORMAT = "chexseg-segmentation"
 SEGMENTATION_FORMAT_VERSION = 1
@@ -212,13 +212,7 @@ def load_segmentation(path: str, device: str | torch.device = "cpu") -> LoadedSe
     state = read_weights(path, SEGMENTATION_WEIGHTS, meta["fingerprint"])
     norm = meta["normalisation"]
     model = create_segmentation(meta["arch"], meta["encoder"], mean=norm["mean"], std=norm["std"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(
-            f"checkpoint {path}: the weights do not fit {meta['arch']}/{meta['encoder']} ({first})"
-        ) from None
+    load_strict(model, state, f"checkpoint {path}: the weights do not fit {meta['arch']}/{meta['encoder']}")
     model.to(device).eval()
     thresholds = np.asarray([meta["thresholds"][t] for t in TASKS], dtype=np.float64)
     return LoadedSegmentation(model, meta, thresholds, path, fingerprint=meta["fingerprint"])
