@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-sensitivity", action="store_true", help="skip the exact-expert-mask sensitivity comparison"
     )
+    parser.add_argument(
+        "--refiners",
+        default="none",
+        help="comma-separated pseudo-mask refiners to compare (masks.refiner), e.g. none,crf: for each, the "
+        "pseudo-label mIoU on test and the weak and semi students trained on its masks",
+    )
     add_config_arguments(parser)
 
 
@@ -67,6 +73,15 @@ def _sizes(raw: str | None) -> list[int | None]:
         else:
             raise InputError(f"--expert-sizes: {item!r} is not a positive number of images or 'all'")
     return out
+
+
+def _refiners(raw: str) -> list[str]:
+    from chexseg_dist.core.registry import REFINERS
+
+    names = [r.strip() for r in raw.split(",") if r.strip()]
+    for name in names:
+        REFINERS.check(name, "--refiners")
+    return ["none", *[n for n in dict.fromkeys(names) if n != "none"]]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         )
     data, out = os.path.abspath(args.data), os.path.abspath(args.out)
     sizes = _sizes(args.expert_sizes)
+    refiners = _refiners(args.refiners)
     for name in ("train.csv", "valid.csv", "test.csv", "gt_segmentations_test.json", *SETTINGS.values()):
         if not os.path.exists(os.path.join(data, name)):
             raise InputNotFoundError(
@@ -113,8 +129,11 @@ def run(args: argparse.Namespace) -> int:
 
     tuned_masks = cfg.masks.strategy == "tuned"
 
-    def student(setting: str, mode: str, folder: str, limit: int | None = None) -> dict[str, Any]:
+    def student(
+        setting: str, mode: str, folder: str, limit: int | None = None, refiner: str = "none"
+    ) -> dict[str, Any]:
         """Train one student, segment test with it and evaluate; returns its comparison row."""
+        refine = ["--set", f"masks.refiner={refiner}"] if refiner != "none" else []
         base = f"{out}/{setting}"
         extra = ["--expert-limit", str(limit)] if limit is not None else []
         teacher = ["--set", f"train_segmentation.teacher={base}/students/full"] if mode == "distill" else []
@@ -126,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         thresholds = f"{base}/thresholds{'' if limit is None else f'_{limit}'}.json"
         model = f"{base}/{folder}"
         stage(
-            f"{setting}: train {mode}{'' if limit is None else f' ({limit} expert images)'}",
+            f"{setting}: train {mode}{'' if limit is None else f' ({limit} expert images)'}"
+            + ("" if refiner == "none" else f" on {refiner}-refined pseudo-masks"),
             [
                 "train-segmentation",
                 "--mode",
@@ -145,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
                 model,
                 *cfg_args,
                 *teacher,
+                *refine,
             ],
             reuse=f"{model}/segmentation.json",
         )
@@ -293,6 +314,10 @@ def run(args: argparse.Namespace) -> int:
             reuse=f"{ev}/summary.json",
         )
         results["reference"][name] = comparison(read_summary(ev), scored)
+    if len(refiners) > 1:
+        results["refiners"] = refiner_rows(
+            refiners, results, ref, stage, student, gt_test, scored, maps, man, out, cfg_args
+        )
     if curve:
         results["expert_curve"] = curve
         plot_expert_curve(fsio.join(out, "expert_curve.png"), curve)
@@ -321,6 +346,70 @@ def run(args: argparse.Namespace) -> int:
         f"  results  {json_path}\n  table    {md_path}"
     )
     return 0
+
+
+def refiner_rows(
+    refiners: list[str],
+    results: dict[str, Any],
+    ref: str,
+    stage: Any,
+    student: Any,
+    gt_test: str,
+    scored: list[str],
+    maps: str,
+    man: str,
+    out: str,
+    cfg_args: list[str],
+) -> dict[str, dict[str, float]]:
+    """``{refiner: {"pseudo_miou", "weak", "semi"}}``: each refiner's pseudo-masks on test (tuned thresholds from
+    expert-train, as the Grad-CAM reference row; ``none`` is that row) and the students trained on its masks."""
+    from chexseg_dist.core.ray_env import ray_session
+    from chexseg_dist.evaluation.experiment import comparison, read_summary
+
+    rows: dict[str, dict[str, float]] = {
+        "none": {
+            "pseudo_miou": results["reference"]["Grad-CAM tuned (classifier saliency)"]["mean_miou"],
+            "weak": results["modes"]["weak"]["mean_miou"],
+            "semi": results["modes"]["semi"]["mean_miou"],
+        }
+    }
+    details: dict[str, Any] = {}
+    for name in refiners[1:]:
+        pred = f"{ref}/pseudo_{name}.json"
+        stage(
+            f"refiners: {name}-refined pseudo-masks on test",
+            [
+                "export-masks",
+                "--store",
+                f"{maps}/test.zarr",
+                "--images",
+                f"{man}/test.parquet",
+                "--strategy",
+                "tuned",
+                "--thresholds",
+                f"{out}/annotated/thresholds.json",
+                "--out",
+                pred,
+                *cfg_args,
+                "--set",
+                f"masks.refiner={name}",
+            ],
+            reuse=pred,
+        )
+        ev = f"{ref}/eval_pseudo_{name}"
+        stage(
+            f"refiners: evaluate {name}-refined pseudo-masks",
+            ["evaluate", "--gt", gt_test, "--pred", pred, "--out", ev, *cfg_args],
+            reuse=f"{ev}/summary.json",
+        )
+        pseudo = comparison(read_summary(ev), scored)
+        with ray_session():
+            weak = student("annotated", "weak", f"students/weak_{name}", refiner=name)
+            semi = student("annotated", "semi", f"students/semi_{name}", refiner=name)
+        rows[name] = {"pseudo_miou": pseudo["mean_miou"], "weak": weak["mean_miou"], "semi": semi["mean_miou"]}
+        details[name] = {"pseudo": pseudo, "weak": weak, "semi": semi}
+    results["refiner_details"] = details
+    return rows
 
 
 def _expert_train_count(split_csv: str) -> int:

@@ -17,7 +17,7 @@ from chexseg_dist.cli._args import Output, add_config_arguments, load_command_co
 from chexseg_dist.core.console import say
 from chexseg_dist.core.registry import BINARIZERS
 
-INPUTS = ("store", "thresholds", "manifest", "config")
+INPUTS = ("store", "thresholds", "manifest", "images", "config")
 OUTPUTS = (Output("out", "file", (".json",), writes=(".config.yaml",)),)
 
 
@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--manifest", default=None, help="manifest with labels: empty masks where the label is not positive"
     )
     parser.add_argument(
+        "--images",
+        default=None,
+        help="manifest whose image paths a refiner (masks.refiner) reads, without label gating (default: --manifest)",
+    )
+    parser.add_argument(
         "--skip-missing", action="store_true", help="leave out images without maps (failed) instead of failing"
     )
     parser.add_argument("--workers", type=int, default=None, help="processes (default: masks.workers)")
@@ -46,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_command_config("export-masks", args)
     t0 = time.perf_counter()
-    n = export_masks(args.store, args.out, cfg.masks, manifest=args.manifest, skip_missing=args.skip_missing)
+    n = export_masks(
+        args.store, args.out, cfg.masks, manifest=args.manifest, skip_missing=args.skip_missing, images=args.images
+    )
     elapsed = time.perf_counter() - t0
     save_config(
         cfg,

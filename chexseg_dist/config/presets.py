@@ -45,6 +45,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "classifier": {"arch": "densenet121", "image_size": 320},
         "train_classifier": {"epochs": 3, "batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "lr_schedule": "constant"},
         "pseudolabel": {"batch_size": 64, "images_per_chunk": 1024},
+        # The CRF at 320 px on one core (benchmarks/bench_refine.py): a 4-px grid costs 76-270 ms per image, an 8-px
+        # grid (40 x 40 cells, 4x finer than DenseNet121's 10 x 10 maps) 20-43 ms.
+        "masks": {"crf_stride": 8},
         # The paper's student: DeepLabV3+ ResNet-18 at 320 px (the classifier's letterbox), batch 8, Adam 1e-4 without
         # a schedule, 20 epochs, class-averaged soft Dice, each sample expert with probability w = 0.9.
         "segmentation": {"arch": "deeplabv3plus", "encoder": "resnet18", "image_size": 320},

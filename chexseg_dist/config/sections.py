@@ -18,6 +18,7 @@ from chexseg_dist.core.registry import (
     CLASSIFIER_ARCHS,
     EVAL_MODES,
     MIXING_POLICIES,
+    REFINERS,
     SCHEDULES,
     SEGMENTATION_ARCHS,
     SEGMENTATION_ENCODERS,
@@ -272,9 +273,35 @@ class MasksConfig(Section):
     """Threshold for a pathology with no positive expert mask in the tuning set (nothing to tune on)."""
     workers: int = 2
     """Processes for export-masks and tune-thresholds (1 = in the calling process)."""
+    refiner: str = "none"
+    """Refinement after binarisation and gating, against the radiograph: none or crf (dense CRF, the crf_* fields).
+    Runs in the model frame's content box (chexseg_dist.masks.refine)."""
+    crf_iterations: int = 10
+    """Mean-field iterations of the dense CRF."""
+    crf_gt_prob: float = 0.7
+    """Confidence of the CRF's input labels (pydensecrf's unary_from_labels gt_prob)."""
+    crf_gauss_sxy: float = 3.0
+    """Gaussian (smoothness) kernel width, frame pixels."""
+    crf_gauss_compat: float = 3.0
+    """Gaussian kernel weight (Potts)."""
+    crf_bilat_sxy: float = 50.0
+    """Bilateral kernel spatial width, frame pixels."""
+    crf_bilat_srgb: float = 5.0
+    """Bilateral kernel intensity width, on 0..255 intensities."""
+    crf_bilat_compat: float = 10.0
+    """Bilateral kernel weight (Potts)."""
+    crf_stride: int = 4
+    """Working grid of the CRF and the random walk: cells of stride x stride frame pixels."""
+    crf_radius: float = 48.0
+    """Half-width of the CRF's message window, frame pixels (a window covering the image = fully connected)."""
 
     def validate(self) -> None:
         BINARIZERS.check(self.strategy, "masks.strategy")
+        REFINERS.check(self.refiner, "masks.refiner")
+        for name in ("crf_iterations", "crf_stride", "crf_radius", "crf_gauss_sxy", "crf_bilat_sxy", "crf_bilat_srgb"):
+            _check_positive("masks", name, getattr(self, name))
+        if not 0.0 < self.crf_gt_prob < 1.0:
+            raise ConfigError(f"config masks.crf_gt_prob={self.crf_gt_prob!r} must be in (0, 1)")
         EVAL_MODES.check(self.tune_mode, "masks.tune_mode")
         for name in ("threshold_steps", "cutoff_steps", "workers"):
             _check_positive("masks", name, getattr(self, name))

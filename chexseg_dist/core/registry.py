@@ -113,6 +113,15 @@ BINARIZERS: Registry[type] = Registry(
     {"otsu": "chexseg_dist.masks.binarize:OtsuBinarizer", "tuned": "chexseg_dist.masks.binarize:ThresholdBinarizer"},
 )
 
+#: Pseudo-mask refiners (``masks.refiner``): :class:`~chexseg_dist.masks.refine.Refiner` subclasses.
+REFINERS: Registry[type] = Registry(
+    "mask refiner",
+    {
+        "none": "chexseg_dist.masks.refine:NoRefiner",
+        "crf": "chexseg_dist.masks.refine:CrfRefiner",
+    },
+)
+
 #: Uncertain (-1) label policies: ``(target, loss_mask)`` per cell (U-Ones, U-Zeros, U-Ignore).
 UNCERTAIN_POLICIES: Registry[tuple[float, float]] = Registry("uncertain-label policy")
 UNCERTAIN_POLICIES.add("ones", (1.0, 1.0))

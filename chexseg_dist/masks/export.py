@@ -22,12 +22,16 @@ log = logging.getLogger(__name__)
 IN_PROCESS_PIXELS = 50_000_000
 
 
-def _export_job(job: tuple[MaskMaker, str, np.ndarray, tuple[int, int, int], np.ndarray, np.ndarray | None]) -> Any:
-    """Worker: one image's 10 masks at original resolution, as RLEs."""
+def _export_job(
+    job: tuple[MaskMaker, str, np.ndarray, tuple[int, int, int], np.ndarray, np.ndarray | None, str | None],
+) -> Any:
+    """Worker: one image's 10 masks at original resolution, as RLEs (a refiner reads the image from ``path``)."""
     from chexseg_dist.data.chexlocalize import encode_mask
 
-    maker, image_id, cams, params, probs, labels = job
-    masks = maker.masks(cams, Letterbox(*params), probs, labels, frame="original")
+    maker, image_id, cams, params, probs, labels, path = job
+    box = Letterbox(*params)
+    image = refine_frame(path, box) if maker.refines and path else None
+    masks = maker.masks(cams, box, probs, labels, frame="original", image=image)
     return image_id, {task: encode_mask(masks[k]) for k, task in enumerate(TASKS)}
 
 
@@ -38,6 +42,7 @@ def export_masks(
     manifest: str | None = None,
     skip_missing: bool = False,
     workers: int | None = None,
+    images: str | None = None,
 ) -> int:
     """Write the masks of every image and pathology of a map store as CheXlocalize segmentation JSON.
 
@@ -48,6 +53,7 @@ def export_masks(
         manifest: labels for label gating (required when ``cfg.label_gating``).
         skip_missing: leave out images without maps (failed or not yet processed) instead of raising.
         workers: processes (default ``cfg.workers``).
+        images: a manifest whose paths a refiner reads (default: ``manifest``); it does not turn on label gating.
 
     Returns:
         The number of images written.
@@ -61,6 +67,10 @@ def export_masks(
     maker = MaskMaker.from_config(cfg)
     if maker.label_gating and not manifest:
         raise InputError("masks.label_gating needs --manifest with the images' labels")
+    if maker.refines and not manifest:
+        raise InputError(
+            f"masks.refiner={cfg.refiner} refines against the radiographs: pass --manifest with their paths"
+        )
     store = MapStore.open(store_uri)
     done = store.done()
     if not done.all():
@@ -73,6 +83,7 @@ def export_masks(
     if maker.label_gating:
         assert manifest is not None
         labels = manifest_labels(manifest, [str(i) for i in store.image_ids])
+    paths = image_paths(images, store.image_ids) if maker.refines and images else None
 
     def jobs() -> Any:
         for batch in store.iter_batches(batch_size=max(store.images_per_chunk, 64)):
@@ -87,6 +98,7 @@ def export_masks(
                     (box.height, box.width, box.size),
                     batch.probs[j],
                     labels[slot] if labels is not None else None,
+                    paths[slot] if paths is not None else None,
                 )
 
     n_workers = cfg.workers if workers is None else workers
@@ -98,3 +110,36 @@ def export_masks(
         results[image_id] = rles
     write_segmentations(out, results)
     return len(results)
+
+
+def image_paths(manifest: str, image_ids: np.ndarray) -> list[str]:
+    """The manifest's path of each image id, in the given order.
+
+    Raises:
+        InputError: naming ids the manifest does not have.
+    """
+    from chexseg_dist.data.manifest import read_manifest
+
+    table = read_manifest(manifest, ["image_id", "path"])
+    index = dict(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist()))
+    missing = [str(i) for i in image_ids if str(i) not in index]
+    if missing:
+        raise InputError(f"{manifest}: {len(missing)} image id(s) of the store are not in it, e.g. {missing[:5]}")
+    return [str(index[str(i)]) for i in image_ids]
+
+
+def refine_frame(path: str, box: Letterbox) -> np.ndarray:
+    """The image's model frame for a refiner, checked against the letterbox the store recorded.
+
+    Raises:
+        InputError: the image's size differs from the one its maps were made from (another file at that path).
+    """
+    from chexseg_dist.data.images import load_frame
+
+    frame, got = load_frame(path, box.size)
+    if (got.height, got.width) != (box.height, box.width):
+        raise InputError(
+            f"{path} is {got.height}x{got.width} but its maps were made from a {box.height}x{box.width} image; "
+            "the manifest must point at the images the store was made from"
+        )
+    return frame

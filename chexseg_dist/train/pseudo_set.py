@@ -154,7 +154,7 @@ def pseudo_targets(
         for i in range(n):
             params = [int(v) for v in batch["letterbox"][i]]
             box = Letterbox(params[0], params[1], size)
-            masks[i] = maker.masks(batch["cams"][i], box, batch["probs"][i], labels[i], frame="model")
+            masks[i] = maker.masks(batch["cams"][i], box, batch["probs"][i], labels[i], frame="model", image=frames[i])
         out["masks"] = masks
     return out
 
