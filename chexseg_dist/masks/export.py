@@ -67,9 +67,11 @@ def export_masks(
     maker = MaskMaker.from_config(cfg)
     if maker.label_gating and not manifest:
         raise InputError("masks.label_gating needs --manifest with the images' labels")
-    if maker.refines and not manifest:
+    images = images or manifest
+    if maker.refines and not images:
         raise InputError(
-            f"masks.refiner={cfg.refiner} refines against the radiographs: pass --manifest with their paths"
+            f"masks.refiner={cfg.refiner} refines against the radiographs: pass --images (or --manifest) with their "
+            "paths"
         )
     store = MapStore.open(store_uri)
     done = store.done()
