@@ -68,6 +68,7 @@ FLAG_OVERRIDES: dict[str, tuple[Flag, ...]] = {
         Flag("manifest", "masks.label_gating", lambda _: True),
         Flag("workers", "masks.workers"),
     ),
+    "refine": (Flag("thresholds", "masks.strategy", lambda _: "tuned"),),
     "train-segmentation": (
         Flag("mode", "train_segmentation.mode"),
         # Tuned thresholds given: the pseudo-masks are made with them.

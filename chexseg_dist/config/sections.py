@@ -294,6 +294,8 @@ class MasksConfig(Section):
     """Working grid of the CRF and the random walk: cells of stride x stride frame pixels."""
     crf_radius: float = 48.0
     """Half-width of the CRF's message window, frame pixels (a window covering the image = fully connected)."""
+    refine_cpus: float = 1.0
+    """CPUs per task of chexseg refine (one task per store chunk; torch threads = max(1, int(refine_cpus)))."""
 
     def validate(self) -> None:
         BINARIZERS.check(self.strategy, "masks.strategy")

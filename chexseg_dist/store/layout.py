@@ -111,3 +111,31 @@ def failures_path(store_uri: str) -> str:
 def lock_path(store_uri: str) -> str:
     """``<store>.sidecar/lock.json``."""
     return fsio.join(sidecar_path(store_uri), LOCK_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------- refined masks
+#: Refined pseudo-masks live in the store's group ``refined/<key>`` (``chexseg refine``), one subgroup per refinement
+#: recipe: ``key`` is a hash of everything that decides the masks (:func:`chexseg_dist.masks.refine_job.refine_spec`),
+#: so changing the refiner's config makes a new subgroup and never mixes two recipes' masks.
+REFINED_GROUP = "refined"
+REFINED_FORMAT = "chexseg-refined-masks"
+REFINED_VERSION = 1
+
+
+def refined_specs(n: int, frame: int) -> dict[str, tuple[tuple[int, ...], str, Any]]:
+    """The arrays of one refined subgroup: ``masks`` ``[N, 10, F, ceil(F/8)]`` uint8 (the ``F x F`` masks in the
+    student's frame, bit-packed along rows with ``numpy.packbits``), ``failed`` and ``done`` ``[N]`` uint8."""
+    return {
+        "masks": ((n, N_TASKS, frame, -(-frame // 8)), "uint8", 0),
+        "failed": ((n,), "uint8", 0),
+        "done": ((n,), "uint8", 0),
+    }
+
+
+#: Arrays of a refined subgroup in write order (``done`` last: it commits the row).
+REFINED_ARRAYS: tuple[str, ...] = ("masks", "failed", "done")
+
+
+def refined_failures_path(store_uri: str, key: str) -> str:
+    """``<store>.sidecar/refined-<key>/failures``: the refine job's failure records for one recipe."""
+    return fsio.join(sidecar_path(store_uri), f"{REFINED_GROUP}-{key}", FAILURES_DIR)

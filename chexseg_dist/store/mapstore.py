@@ -190,6 +190,11 @@ class MapStore:
         return fsio.exists(fsio.join(normalise_uri(uri), "zarr.json"))
 
     # ------------------------------------------------------------------ metadata
+    @property
+    def group(self) -> zarr.Group:
+        """The store's Zarr group (its subgroups, e.g. ``refined/<key>``, are opened through it)."""
+        return self._group
+
     def array(self, name: str) -> zarr.Array:
         """One of the store's Zarr arrays (opened once; writes keep empty chunks)."""
         if name not in self._arrays:

@@ -118,12 +118,22 @@ def load_pseudo_set(store_uri: str, manifest: str) -> PseudoSet:
     )
 
 
-def read_chunk(batch: dict[str, np.ndarray], store_uri: str) -> dict[str, np.ndarray]:
-    """Ray Data stage (one task per chunk): the rows' raw grids, probabilities and original sizes from the store."""
+def read_chunk(batch: dict[str, np.ndarray], store_uri: str, refined_key: str | None = None) -> dict[str, np.ndarray]:
+    """Ray Data stage (one task per chunk): the rows' raw grids, probabilities and original sizes from the store,
+    and with ``refined_key`` their bit-packed refined masks (``refined`` [n, 10, F, ceil(F/8)] uint8)."""
     store = MapStore.open(store_uri)
-    read = store.read(np.asarray(batch["slot"], dtype=np.int64))
+    slots = np.asarray(batch["slot"], dtype=np.int64)
+    read = store.read(slots)
     out = {name: np.asarray(batch[name]) for name in batch}
     out.update(cams=read.cams.astype(np.float32), probs=read.probs.astype(np.float32), orig_size=read.orig_size)
+    if refined_key:
+        from chexseg_dist.store.refined import RefinedMasks
+
+        refined = RefinedMasks.open(store, refined_key)
+        bits, done = refined.read(slots, packed=True)
+        if not done.all():
+            raise StoreError(f"{store.uri}/refined/{refined_key}: slots {slots[~done][:5].tolist()} are not refined")
+        out["refined"] = bits
     return out
 
 
@@ -149,7 +159,9 @@ def pseudo_targets(
     if ignore_uncertain:
         weights[task_values(labels) == -1.0] = 0.0
     out = {"image_id": np.asarray(batch["image_id"], dtype=str), "frame": frames, "weights": weights}
-    if maker is not None:
+    if "refined" in batch:  # precomputed by chexseg refine in this frame
+        out["masks"] = np.unpackbits(np.asarray(batch["refined"]), axis=-1, count=size).astype(np.uint8)
+    elif maker is not None:
         masks = np.zeros((n, N_TASKS, size, size), dtype=np.uint8)
         for i in range(n):
             params = [int(v) for v in batch["letterbox"][i]]

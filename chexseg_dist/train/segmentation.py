@@ -273,6 +273,7 @@ class SegmentationTask(TrainTask):
         self.n_expert_train = self.n_select = self.n_pseudo = 0
         self.pseudo_failed = self.pseudo_pending = 0
         self.maker: MaskMaker | None = None
+        self.refined_key: str | None = None  # read the pseudo-masks from the store's refined/<key> (chexseg refine)
         self._expert: ExpertSet | None = None
         self._pseudo: PseudoSet | None = None
         # Worker state (never pickled): built on first use inside the worker.
@@ -330,6 +331,8 @@ class SegmentationTask(TrainTask):
         groups = {"expert-train": _patients(expert.train), "expert-select": _patients(expert.select)}
         if self.uses_pseudo:
             self._pseudo = load_pseudo_set(inputs.pseudo_store, inputs.pseudo_manifest)
+            if self.maker is not None and self.maker.refines:
+                self.refined_key = self._refined_key(self._pseudo)
             groups["pseudo"] = _patients(self._pseudo.rows)
             self.n_pseudo = len(self._pseudo)
             self.pseudo_failed, self.pseudo_pending = self._pseudo.failed, self._pseudo.pending
@@ -425,7 +428,7 @@ class SegmentationTask(TrainTask):
         ds: Any = ray.data.from_arrow(share).randomize_block_order()
         ds = ds.map_batches(
             read_chunk,  # type: ignore[arg-type]
-            fn_kwargs={"store_uri": self._pseudo.store},
+            fn_kwargs={"store_uri": self._pseudo.store, "refined_key": self.refined_key},
             batch_format="numpy",
             batch_size=None,  # one task per chunk: a chunk is read once
             num_cpus=cpus,
@@ -444,6 +447,33 @@ class SegmentationTask(TrainTask):
             batch_size=DECODE_BATCH,
             num_cpus=cpus,
         )
+
+    def _refined_key(self, pseudo: PseudoSet) -> str | None:
+        """The store's refined masks of this student's recipe when they cover the pseudo set, else None (the masks
+        are then refined on the fly, at a cost: the CRF slows the weak student ~5x on 2 cores)."""
+        from chexseg_dist.masks.refine_job import recipe
+        from chexseg_dist.store.mapstore import MapStore
+        from chexseg_dist.store.refined import RefinedMasks
+
+        store = MapStore.open(pseudo.store)
+        key, _ = recipe(self.cfg, self.inputs.thresholds or None, store)
+        where = f"{store.uri}/refined/{key}"
+        if RefinedMasks.exists(store, key):
+            done = RefinedMasks.open(store, key).done()
+            slots = np.asarray(pseudo.rows.column("slot"), dtype=np.int64)
+            if done[slots].all():
+                say(f"[{self.name}] reading {self.cfg.masks.refiner}-refined pseudo-masks from {where}")
+                return key
+            say(
+                f"[{self.name}] note: {where} covers {int(done[slots].sum())} of {len(slots)} pseudo images; refining "
+                "on the fly (re-run chexseg refine to finish it)"
+            )
+            return None
+        say(
+            f"[{self.name}] note: no {self.cfg.masks.refiner}-refined masks of this recipe in {store.uri}; refining on "
+            "the fly (chexseg refine precomputes them once)"
+        )
+        return None
 
     def identity(self) -> dict[str, Any]:
         m = self.model_cfg

@@ -3,14 +3,18 @@ boundaries; gating comes before refinement."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from maps_helpers import image_ids, make_manifest, make_store, write_png
 
+from chexseg_dist.cli.main import main
 from chexseg_dist.core.geometry import Letterbox
-from chexseg_dist.core.pathologies import N_TASKS
+from chexseg_dist.core.pathologies import N_TASKS, OBSERVATIONS, TASKS
+from chexseg_dist.data.chexlocalize import decode_mask, encode_mask, read_segmentations, write_segmentations
 from chexseg_dist.masks.binarize import ThresholdBinarizer
 from chexseg_dist.masks.maker import MaskMaker
 from chexseg_dist.masks.refine import (
@@ -146,8 +150,6 @@ def test_gating_precedes_refinement(frame: str) -> None:
     cams[0, 1:4, 1:3] = 5.0  # gated in, refined
     cams[1, 1:4, 1:3] = 5.0  # gated off by its label
     labels = np.full(14, np.nan)
-    from chexseg_dist.core.pathologies import OBSERVATIONS, TASKS
-
     labels[OBSERVATIONS.index(TASKS[0])] = 1.0
     labels[OBSERVATIONS.index(TASKS[1])] = 0.0
     labels[OBSERVATIONS.index(TASKS[2])] = 1.0  # positive label, all-zero map: stays empty
@@ -168,3 +170,70 @@ def test_a_refiner_needs_the_image() -> None:
     maker = MaskMaker(ThresholdBinarizer(np.full(N_TASKS, 0.5)), refiner=CrfRefiner(CrfParams()))
     with pytest.raises(ValueError, match="image"):
         maker.masks(np.ones((N_TASKS, 6, 6), np.float32), Letterbox(48, 48, 48), frame="model")
+
+
+# ---------------------------------------------------------------------------------------------------- through the CLI
+def _refine_inputs(tmp_path, n: int = 3) -> tuple[str, str, str, list[np.ndarray]]:
+    """A store whose blurry maps point at a bright rectangle in each image; the images on disk; gt masks."""
+    h, w, frame = 48, 64, 64
+    rng = np.random.default_rng(3)
+    cams = np.zeros((n, N_TASKS, 8, 8), dtype=np.float32)
+    gts, paths = [], []
+    gt_json = {}
+    for i, image_id in enumerate(image_ids(n)):
+        top, left = int(rng.integers(8, 16)), int(rng.integers(8, 24))
+        truth = np.zeros((h, w), dtype=bool)
+        truth[top : top + 20, left : left + 24] = True
+        image = np.where(truth, 0.8, 0.25) + rng.normal(0, 0.01, (h, w))
+        paths.append(write_png(str(tmp_path / "img" / f"{image_id}.png"), image))
+        box = Letterbox(h, w, frame)
+        cams[i, 0] = box.mask_to_frame(truth).astype(np.float32)[::8, ::8]  # a coarse 8 x 8 view of the finding
+        cams[i, 0] += 0.3 * np.roll(cams[i, 0], 1, axis=1)  # smeared to the right, as Grad-CAM blurs
+        gts.append(truth)
+        gt_json[image_id] = {t: encode_mask(truth if k == 0 else np.zeros((h, w), bool)) for k, t in enumerate(TASKS)}
+    store = str(tmp_path / "maps.zarr")
+    make_store(store, cams, [(h, w)] * n, frame)
+    manifest = str(tmp_path / "m.parquet")
+    make_manifest(manifest, image_ids(n), image_paths=paths)
+    gt = str(tmp_path / "gt.json")
+    write_segmentations(gt, gt_json)
+    return store, manifest, gt, gts
+
+
+def test_crf_masks_round_trip_through_export_and_evaluate_and_beat_the_unrefined_ones(tmp_path) -> None:
+    store, manifest, gt, _ = _refine_inputs(tmp_path)
+    scores = {}
+    for refiner in ("none", "crf"):
+        pred = str(tmp_path / f"{refiner}.json")
+        argv = ["export-masks", "--store", store, "--strategy", "otsu", "--images", manifest, "--out", pred]
+        argv += ["--workers", "1", "--set", f"masks.refiner={refiner}", "--set", "masks.crf_stride=2"]
+        assert main(argv) == 0
+        masks = read_segmentations(pred)
+        assert all(decode_mask(m[TASKS[0]]).shape == (48, 64) for m in masks.values())
+        assert not any(decode_mask(m[TASKS[1]]).any() for m in masks.values())  # all-zero maps stay empty
+        out = str(tmp_path / f"eval_{refiner}")
+        assert main(["evaluate", "--gt", gt, "--pred", pred, "--out", out, "--n-bootstrap", "10"]) == 0
+        with open(f"{out}/summary.json") as f:
+            scores[refiner] = json.load(f)["pathologies"][TASKS[0]]["miou"]
+    assert scores["crf"] > scores["none"] + 0.05
+    assert scores["crf"] > 0.9
+
+
+def test_refiner_errors_are_one_line_and_write_nothing(tmp_path, capsys) -> None:
+
+    store, manifest, _, _ = _refine_inputs(tmp_path, n=2)
+    pred = tmp_path / "p.json"
+    base = ["export-masks", "--store", store, "--out", str(pred), "--workers", "1"]
+    assert main([*base, "--images", manifest, "--set", "masks.refiner=bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "masks.refiner='bogus': unknown mask refiner; choose one of ['crf', 'none']" in err
+    assert err.count("\n") == 1
+    assert main([*base, "--set", "masks.refiner=crf"]) == 2
+    assert "--images" in capsys.readouterr().err
+    wrong = [write_png(str(tmp_path / "other" / f"{i}.png"), np.zeros((30, 30))) for i in image_ids(2)]
+    other = str(tmp_path / "other.parquet")
+    make_manifest(other, image_ids(2), image_paths=wrong)
+    assert main([*base, "--images", other, "--set", "masks.refiner=crf"]) == 2
+    err = capsys.readouterr().err
+    assert "is 30x30 but its maps were made from a 48x64 image" in err and wrong[0] in err
+    assert not pred.exists()

@@ -1,0 +1,171 @@
+"""chexseg refine: refined masks in the store equal the student's on-the-fly masks, resume after SIGKILL to the
+same result, record failures, and never mix two recipes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from job_helpers import job_env, kill_session_processes
+from maps_helpers import image_ids, make_manifest, make_store, write_png
+
+from chexseg_dist.config import load_config
+from chexseg_dist.core.geometry import Letterbox
+from chexseg_dist.core.pathologies import N_TASKS, OBSERVATIONS, TASKS
+from chexseg_dist.data.failures import read_failure_tables
+from chexseg_dist.data.images import load_frame
+from chexseg_dist.masks.gating import manifest_labels
+from chexseg_dist.masks.refine_job import run_refine, student_maker
+from chexseg_dist.store import MapStore
+from chexseg_dist.store.layout import refined_failures_path
+from chexseg_dist.store.refined import RefinedMasks
+from chexseg_dist.train.pseudo_set import pseudo_targets, read_chunk
+
+REPO = Path(__file__).resolve().parents[2]
+SETS = [
+    "masks.refiner=crf",
+    "masks.crf_stride=2",
+    "segmentation.image_size=64",
+    "pseudolabel.lock_stale_s=3",
+    "pseudolabel.progress_interval_s=0.5",
+]
+
+
+def make_inputs(tmp: Path, n: int, seed: int = 0) -> tuple[str, str, list[str]]:
+    """n images (a bright finding in each), a store of blurry maps pointing at it, a manifest with labels."""
+    rng = np.random.default_rng(seed)
+    h, w, frame = 48, 64, 64
+    cams = np.zeros((n, N_TASKS, 8, 8), dtype=np.float32)
+    labels = np.full((n, len(OBSERVATIONS)), np.nan)
+    paths = []
+    for i, image_id in enumerate(image_ids(n)):
+        top, left = int(rng.integers(4, 20)), int(rng.integers(4, 30))
+        truth = np.zeros((h, w), dtype=bool)
+        truth[top : top + 20, left : left + 24] = True
+        paths.append(write_png(str(tmp / "img" / f"{image_id}.png"), np.where(truth, 0.8, 0.25)))
+        grid = Letterbox(h, w, frame).mask_to_frame(truth).astype(np.float32)[::8, ::8]
+        cams[i, :3] = grid + 0.3 * np.roll(grid, 1, axis=1)
+        labels[i, OBSERVATIONS.index(TASKS[0])] = 1.0
+        labels[i, OBSERVATIONS.index(TASKS[2])] = 1.0
+        labels[i, OBSERVATIONS.index(TASKS[1])] = 0.0  # gated off: its refined mask must be empty
+    store = str(tmp / "maps.zarr")
+    make_store(store, cams, [(h, w)] * n, frame)
+    manifest = str(tmp / "m.parquet")
+    make_manifest(manifest, image_ids(n), labels, image_paths=paths)
+    return store, manifest, paths
+
+
+@pytest.mark.cluster
+def test_refined_masks_equal_the_students_and_rerun_skips(ray_cluster: None, tmp_path: Path) -> None:
+    store, manifest, paths = make_inputs(tmp_path, 10)
+    os.remove(paths[3])  # one image gone: recorded, the rest refined
+    cfg = load_config("tiny", None, SETS)
+    summary = run_refine(cfg, store, manifest)
+    assert (summary.refined, summary.failed) == (9, 1)
+    ms = MapStore.open(store)
+    refined = RefinedMasks.open(ms, summary.key)
+    masks, done = refined.read(np.arange(10))
+    assert done.tolist() == [i != 3 for i in range(10)]
+    maker = student_maker(cfg, None)
+    batch = ms.read(slice(None))
+    labels = manifest_labels(manifest, list(image_ids(10)))
+    for i in range(10):
+        if i == 3:
+            continue
+        frame, _ = load_frame(paths[i], 64)
+        expected = maker.masks(batch.cams[i], Letterbox(48, 64, 64), batch.probs[i], labels[i], "model", frame)
+        np.testing.assert_array_equal(masks[i], expected)
+        assert masks[i, 0].any() and not masks[i, 1].any() and masks[i, 2].any()
+    failures = read_failure_tables(refined_failures_path(store, summary.key))
+    assert failures is not None and failures.column("slot").to_pylist() == [3]
+    assert "no such file" in failures.column("error")[0].as_py()
+
+    # The student's reading path gives the same masks as making them on the fly.
+    rows = {"slot": np.arange(4), "image_id": np.asarray(image_ids(4)), "path": np.asarray(paths[:4])}
+    rows.update({name: labels[:4, k] for k, name in enumerate(OBSERVATIONS)})
+    frames = np.stack(
+        [load_frame(p, 64)[0] if i != 3 else np.zeros((64, 64), np.uint8) for i, p in enumerate(paths[:4])]
+    )
+    keep = np.array([0, 1, 2])
+    read = read_chunk({k: v[keep] for k, v in rows.items()}, store, refined_key=summary.key)
+    read.update(frame=frames[keep], letterbox=np.asarray([Letterbox(48, 64, 64).params()] * 3))
+    from_store = pseudo_targets(read, None, ignore_uncertain=False)["masks"]
+    on_the_fly = pseudo_targets({k: v for k, v in read.items() if k != "refined"}, maker, False)["masks"]
+    np.testing.assert_array_equal(from_store, on_the_fly)
+
+    # Re-running does nothing; another recipe writes another subgroup and leaves this one as it was.
+    again = run_refine(cfg, store, manifest)
+    assert (again.refined, again.skipped, again.failed) == (0, 9, 0)
+    other = run_refine(load_config("tiny", None, [*SETS, "masks.crf_iterations=3"]), store, manifest)
+    assert other.key != summary.key and other.refined == 9
+    np.testing.assert_array_equal(RefinedMasks.open(MapStore.open(store), summary.key).read(np.arange(10))[0], masks)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_killed_refine_job_resumes_to_the_same_masks(ray_cluster: None, tmp_path: Path) -> None:
+    store, manifest, _ = make_inputs(tmp_path, 120, seed=1)
+    reference = str(tmp_path / "reference.zarr")
+    shutil.copytree(store, reference)
+    big = [*SETS, "segmentation.image_size=128", "masks.crf_stride=4"]
+    sets = [a for s in big for a in ("--set", s)]
+    cmd = [sys.executable, str(REPO / "jobs" / "refine.py"), "--store", store, "--manifest", manifest, *sets]
+    ray_tmp = Path(f"/tmp/rf{os.getpid()}_")
+    ray_tmp.mkdir(exist_ok=True)
+    log = tmp_path / "job.log"
+    cfg = load_config("tiny", None, big)
+    proc = subprocess.Popen(
+        cmd, env=job_env(ray_tmp), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    key = None
+    try:
+        deadline, written = time.time() + 240, 0
+        while time.time() < deadline and proc.poll() is None:
+            ms = MapStore.open(store)
+            keys = RefinedMasks.keys(ms)
+            if keys:
+                key = keys[0]
+                try:
+                    written = int(RefinedMasks.open(ms, key).done().sum())
+                except Exception:
+                    written = 0
+                if written >= 8:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, (
+            f"the job ended (status {proc.returncode}) before it could be killed: {log.read_text()[-3000:]}"
+        )
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_session_processes(str(ray_tmp))
+    assert key is not None
+    at_kill = int(RefinedMasks.open(MapStore.open(store), key).done().sum())
+    assert 8 <= at_kill < 120
+    time.sleep(3.5)  # the killed job's lock goes stale (pseudolabel.lock_stale_s=3)
+    out = subprocess.run(cmd, env=job_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    kill_session_processes(str(ray_tmp))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    # Chunks a task finished between the poll and the kill count as done too; nothing done is recomputed.
+    refined_now = int(last.split("refined ")[1].split(",")[0])
+    skipped = int(last.split("skipped ")[1].split(" ")[0])
+    assert refined_now + skipped == 120 and skipped >= at_kill and ", failed 0," in last, last
+    resumed = RefinedMasks.open(MapStore.open(store), key)
+    assert resumed.done().all()
+    summary = run_refine(cfg, reference, manifest)
+    assert summary.key == key and summary.refined == 120
+    a = resumed.read(np.arange(120))[0]
+    b = RefinedMasks.open(MapStore.open(reference), key).read(np.arange(120))[0]
+    np.testing.assert_array_equal(a, b)
+    assert a[:, 0].any(axis=(1, 2)).all()
