@@ -138,7 +138,10 @@ def run_refine(
         )
     student_maker(cfg, thresholds)  # a bad recipe (unknown refiner, tuned without thresholds) fails before the lock
     store = MapStore.open(store_uri, mode="r+")
+    if not store.done().any():
+        raise StoreError(f"map store {store.uri} holds no maps yet: run chexseg pseudolabel first, then chexseg refine")
     key, spec = recipe(cfg, thresholds, store)
+    paths, labels = _image_inputs(store, manifest)  # a manifest without the store's ids fails before any write
     frame = cfg.segmentation.image_size
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     pl = cfg.pseudolabel
@@ -164,7 +167,7 @@ def run_refine(
         )  # fmt: skip
         if not todo.any():
             return summary
-        items = _chunk_items(store, manifest, todo)
+        items = _chunk_items(store, paths, labels, todo)
         say(
             f"refine: {int(todo.sum())} of {store.n} images to refine in {len(items)} chunk task(s) "
             f"({summary.skipped} already done), refiner {cfg.masks.refiner}, {frame} px"
@@ -177,13 +180,16 @@ def run_refine(
         lock.release()
 
 
-def _chunk_items(store: MapStore, manifest: str, todo: np.ndarray) -> list[dict[str, Any]]:
-    """One work item per store chunk with pending rows: its slots, image paths and labels."""
+def _image_inputs(store: MapStore, manifest: str) -> tuple[list[str], np.ndarray]:
+    """Each slot's image path and ``[14]`` labels from the manifest (naming ids it lacks)."""
     from chexseg_dist.masks.export import image_paths
 
     ids = store.image_ids
-    paths = image_paths(manifest, ids)
-    labels = manifest_labels(manifest, [str(i) for i in ids])
+    return image_paths(manifest, ids), manifest_labels(manifest, [str(i) for i in ids])
+
+
+def _chunk_items(store: MapStore, paths: list[str], labels: np.ndarray, todo: np.ndarray) -> list[dict[str, Any]]:
+    """One work item per store chunk with pending rows: its slots, image paths and labels."""
     items = []
     for c in range(store.n_chunks):
         start, stop = store.chunk_range(c)

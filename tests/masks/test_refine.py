@@ -29,6 +29,7 @@ from chexseg_dist.masks.refine import (
     propagate_masks,
     random_walk,
 )
+from chexseg_dist.store import MapStore
 
 
 def dense_crf_reference(image: np.ndarray, labels: np.ndarray, p: CrfParams) -> np.ndarray:
@@ -237,3 +238,22 @@ def test_refiner_errors_are_one_line_and_write_nothing(tmp_path, capsys) -> None
     err = capsys.readouterr().err
     assert "is 30x30 but its maps were made from a 48x64 image" in err and wrong[0] in err
     assert not pred.exists()
+
+
+def test_refine_command_refuses_bad_input_in_one_line(tmp_path, capsys) -> None:
+    store, manifest, _, _ = _refine_inputs(tmp_path, n=2)
+    base = ["refine", "--store", store, "--manifest", manifest]
+    assert main(base) == 2  # masks.refiner=none: nothing to refine
+    assert "masks.refiner=none: nothing to refine" in capsys.readouterr().err
+    assert main([*base, "--set", "masks.refiner=bogus"]) == 2
+    assert "unknown mask refiner" in capsys.readouterr().err
+    empty = str(tmp_path / "empty.zarr")
+    make_store(empty, np.zeros((2, N_TASKS, 8, 8), np.float32), [(48, 64)] * 2, 64, done=[False, False])
+    assert main(["refine", "--store", empty, "--manifest", manifest, "--set", "masks.refiner=crf"]) == 2
+    assert "holds no maps yet: run chexseg pseudolabel" in capsys.readouterr().err
+    other = str(tmp_path / "other.parquet")
+    make_manifest(other, ["someone_else_study1_view1_frontal", *image_ids(1)])
+    assert main(["refine", "--store", store, "--manifest", other, "--set", "masks.refiner=crf"]) == 2
+    err = capsys.readouterr().err
+    assert "image id(s) of the store are not in it" in err and err.count("\n") == 1
+    assert "refined" not in MapStore.open(store).group  # nothing was written
