@@ -3,7 +3,8 @@
 Each panel shows the radiograph (original aspect ratio, grey), the normalised saliency map as a heatmap whose
 opacity follows saliency, the predicted mask's contour (cyan, solid) and the expert mask's contour (green, dashed),
 titled with the pathology and the classifier probability; panels of pathologies positive in the expert masks have a
-green title.
+green title. With a refiner (``masks.refiner``) the panel shows the map, the unrefined mask (orange, dotted) and the
+refined mask (cyan, solid) side by side on the same image.
 Masks are made exactly as ``chexseg export-masks`` makes them (:class:`chexseg_dist.masks.MaskMaker` at original
 resolution) and then subsampled to the display size, so what is drawn is what is scored.
 
@@ -13,6 +14,7 @@ The layout is fixed (no automatic tight layout), so the PNG size depends only on
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +26,7 @@ from chexseg_dist.errors import InputError
 from chexseg_dist.masks.gating import task_values
 from chexseg_dist.masks.maker import MaskMaker
 from chexseg_dist.masks.maps import normalise_maps, upsample_maps
+from chexseg_dist.masks.refine import NoRefiner
 
 #: Panels per row and rows of the grid.
 COLUMNS, ROWS = 5, 2
@@ -32,7 +35,7 @@ PANEL_PX = 320
 #: Pixels above each panel for its title, and above the grid for the figure title.
 TITLE_PX, HEADER_PX = 36, 30
 DPI = 100
-PRED_COLOR, GT_COLOR = "#00e5ff", "#39ff14"
+PRED_COLOR, GT_COLOR, BASE_COLOR = "#00e5ff", "#39ff14", "#ff9f1c"
 #: Opacity of the heatmap where the normalised map is 1 (it fades to transparent at 0).
 HEAT_ALPHA = 0.6
 
@@ -91,7 +94,13 @@ def render_overlay(
     dw, dh = min(w, panel_px), min(h, panel_h)
     ri, ci = _display_index(h, dh), _display_index(w, dw)
     shown = image[np.ix_(ri, ci)]
-    pred = maker.masks(cams, box, probs, labels, frame="original")
+    base = None
+    if maker.refines:
+        frame = np.clip(np.rint(box.image_to_frame(image) * 255.0), 0, 255).astype(np.uint8)
+        pred = maker.masks(cams, box, probs, labels, frame="original", image=frame)
+        base = dataclasses.replace(maker, refiner=NoRefiner()).masks(cams, box, probs, labels, frame="original")
+    else:
+        pred = maker.masks(cams, box, probs, labels, frame="original")
     heat = np.empty((len(TASKS), dh, dw), dtype=np.float32)
     for k in range(len(TASKS)):  # one full-size map at a time keeps memory at one map
         heat[k] = normalise_maps(upsample_maps(cams[k], box))[np.ix_(ri, ci)]
@@ -107,6 +116,8 @@ def render_overlay(
             ax = fig.add_axes((left, bottom, panel_px / fig_w, panel_h / fig_h))
             ax.imshow(shown, cmap="gray", vmin=0, vmax=1, interpolation="nearest", extent=(0, w, h, 0))
             ax.imshow(_heat_rgba(heat[k]), interpolation="bilinear", extent=(0, w, h, 0))
+            if base is not None:
+                _contour(ax, base[k][np.ix_(ri, ci)], ri, ci, BASE_COLOR, "dotted")
             _contour(ax, pred[k][np.ix_(ri, ci)], ri, ci, PRED_COLOR, "solid")
             gt = gt_masks.get(task) if gt_masks else None
             positive = gt is not None and bool(gt.any())

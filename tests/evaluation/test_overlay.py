@@ -7,9 +7,10 @@ from chexseg_dist.cli.main import main
 from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.pathologies import TASKS
 from chexseg_dist.data.chexlocalize import encode_mask, write_segmentations
-from chexseg_dist.evaluation.overlay import GT_COLOR, PRED_COLOR, figure_size, render_overlay
+from chexseg_dist.evaluation.overlay import BASE_COLOR, GT_COLOR, PRED_COLOR, figure_size, render_overlay
 from chexseg_dist.masks.binarize import OtsuBinarizer
 from chexseg_dist.masks.maker import MaskMaker
+from chexseg_dist.masks.refine import CrfParams, CrfRefiner
 
 
 def _count_color(png: np.ndarray, hex_color: str, tol: int = 40) -> int:
@@ -59,3 +60,22 @@ def test_overlay_cli_reads_radiographs_from_the_manifest(tmp_path) -> None:
         png = Image.open(out / f"{image_id}.png")
         assert png.size == figure_size(h, w)
     assert main([*argv[:5], "--ids", "patient1_study1_view1_frontal", "--out", str(out)]) == 2
+
+
+def test_overlay_with_a_refiner_draws_the_unrefined_and_the_refined_mask(tmp_path) -> None:
+    h, w = 120, 160
+    box = Letterbox(h, w, 64)
+    image = np.full((h, w), 0.2, dtype=np.float32)
+    image[30:80, 40:100] = 0.8  # the finding, with sharp edges
+    truth = np.zeros((h, w), dtype=bool)
+    truth[30:80, 40:100] = True
+    grid = box.mask_to_frame(truth).astype(np.float32)[::8, ::8]
+    cams = np.zeros((10, 8, 8), dtype=np.float32)
+    cams[:] = grid + 0.5 * np.roll(grid, 1, axis=1)  # smeared: the unrefined mask spills over the edge
+    plain, refined = str(tmp_path / "plain.png"), str(tmp_path / "refined.png")
+    render_overlay(plain, image, cams, box, MaskMaker(OtsuBinarizer()))
+    maker = MaskMaker(OtsuBinarizer(), refiner=CrfRefiner(CrfParams(stride=2)))
+    render_overlay(refined, image, cams, box, maker)
+    a, b = np.asarray(Image.open(plain)), np.asarray(Image.open(refined))
+    assert _count_color(a, BASE_COLOR) < 5 and _count_color(b, BASE_COLOR) > 200  # the unrefined masks, dotted
+    assert _count_color(b, PRED_COLOR) > 200  # and the refined ones
