@@ -8,7 +8,11 @@ Reads one of:
   --dir DIR       every .jpg/.jpeg/.png under a local directory tree (labels null)
   --prefix URI    the same under an object-store prefix (s3://bucket/chexpert/; one listing, now, and never again)
 Writes: --out M.parquet (local path or URI); provenance (source, root, version, time) in its schema metadata.
-The file is written only when every row passed the checks. Images are never opened unless --check-files.
+The file is written only when every row passed the checks. With --csv, a few evenly spaced image paths are probed
+for existence (a wrong --root fails here, naming an example path; --no-check skips it, e.g. before an upload);
+images are never opened unless --check-files.
+--root may be the dataset folder itself or the folder that holds it (DIR with DIR/CheXpert-v1.0-small/...), local
+or s3://; without it, the CSV's directory, under the same rule.
 
 Examples:
   chexseg manifest --csv /data/CheXpert-v1.0-small/train.csv --out outputs/train.parquet
@@ -42,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--root",
         default=None,
         metavar="DIR_OR_URI",
-        help="with --csv: the dataset folder (holding train/, valid/) that replaces each path's dataset prefix "
-        "(default: the CSV's directory)",
+        help="with --csv: the dataset folder (holding train/, valid/), or the folder holding it, that replaces each "
+        "path's dataset prefix (default: the CSV's directory)",
     )
     parser.add_argument(
         "--split", default=None, metavar="NAME", help="set the split column to NAME (default: from each path)"
@@ -54,15 +58,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="open every image's header (existence and format; pixels not decoded) and fail listing the bad ones",
     )
     parser.add_argument("--workers", type=int, default=16, help="threads for --check-files (default: 16)")
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="with --csv: do not probe that a few evenly spaced images exist (to build a manifest before the images "
+        "are uploaded)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
     import os
 
     import pyarrow.compute as pc
 
     from chexseg_dist.core import fsio
     from chexseg_dist.data import check_files, manifest_from_csv, manifest_from_listing, write_manifest
+    from chexseg_dist.data.manifest import METADATA_KEY
     from chexseg_dist.errors import InputError
 
     if args.root is not None and args.csv is None:
@@ -81,6 +93,16 @@ def run(args: argparse.Namespace) -> int:
         table = manifest_from_listing(source, split=args.split)
     if args.check_files:
         check_files(table, source, workers=args.workers, lines=kind == "csv")
+    elif kind == "csv" and not args.no_check:
+        from chexseg_dist.data.manifest import check_paths_exist
+
+        root = json.loads(table.schema.metadata[METADATA_KEY])["root"]
+        check_paths_exist(
+            table.column("path").to_pylist(),
+            source,
+            fix=f"they were resolved against {root}: pass --root with the dataset folder (holding train/, valid/) or "
+            "the folder that holds it, or --no-check to build the manifest before the images are uploaded",
+        )
     # manifest_from_csv records the root it resolved in the table's metadata; root=None keeps it.
     write_manifest(table, args.out, {"source": source, "kind": kind, "root": None, "split": args.split})
     frontal = pc.sum(pc.fill_null(table.column("frontal"), False)).as_py() or 0

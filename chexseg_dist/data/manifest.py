@@ -178,19 +178,22 @@ def manifest_metadata(path: str) -> dict[str, Any]:
     return dict(json.loads(raw)) if raw else {}
 
 
-def check_paths_exist(paths: Sequence[str], source: str, n: int = 8) -> None:
+def check_paths_exist(
+    paths: Sequence[str],
+    source: str,
+    n: int = 8,
+    fix: str = "the manifest's paths do not point at the images: rebuild it with `chexseg manifest --root <dataset "
+    "folder>`",
+) -> None:
     """Fail before any work starts when none of a few evenly spaced images exists (a wrong root, not bad files).
 
     Raises:
-        InputNotFoundError: naming ``source``, an example path and the fix.
+        InputNotFoundError: naming ``source``, an example path and ``fix``.
     """
     step = max(1, len(paths) // n)
     sample = list(paths[::step][:n])
     if sample and not any(fsio.exists(p) for p in sample):
-        raise InputNotFoundError(
-            f"{source}: none of {len(sample)} sampled images exists (e.g. {sample[0]}); the manifest's paths do not "
-            "point at the images: rebuild it with `chexseg manifest --root <dataset folder>`"
-        )
+        raise InputNotFoundError(f"{source}: none of {len(sample)} sampled images exists (e.g. {sample[0]}); {fix}")
 
 
 # ---------------------------------------------------------------------------------------------------- views

@@ -59,23 +59,32 @@ def _split_paths(paths: pa.ChunkedArray) -> pa.ChunkedArray:
 def resolve_root(csv_path: str, root: str | None, prefix: str = "") -> str:
     """The dataset folder a CSV's paths resolve against.
 
-    ``root`` (made absolute if local) when given. Otherwise the CSV's directory, which is the dataset folder in every
-    CheXpert release, however it was renamed; but when the CSV sits NEXT TO the dataset folder, i.e. the folder named
-    by the paths' ``prefix`` exists beside the CSV (``DIR/train.csv`` with ``DIR/CheXpert-v1.0-small/train/...``,
-    as Kaggle copies and ``chexseg synth`` lay it out), that folder. One directory check, no image is opened.
+    ``root`` (made absolute if local) when given, otherwise the CSV's directory, which is the dataset folder in every
+    CheXpert release, however it was renamed. Either may instead be the folder that HOLDS the dataset folder: when
+    the folder named by the paths' ``prefix`` exists inside it (``DIR/CheXpert-v1.0-small/train/...``, as Kaggle
+    copies, ``chexseg synth`` and an upload to ``s3://bucket/DIR`` lay it out), that folder is the root. The same
+    rule for local folders and object-store prefixes; one directory check, no image is opened.
     """
     if root is None:
-        here = fsio.parent(csv_path)
-        if prefix:
-            beside = fsio.join(here, prefix)
-            fs, inner = fsio.filesystem(beside)
-            if fs.isdir(inner):
-                return beside
-        return here
-    if fsio.is_uri(root):
-        return root.rstrip("/")
-    # Ray workers resolve relative paths against their own working directory: store absolute ones.
-    return os.path.abspath(root)
+        base = fsio.parent(csv_path)
+    elif fsio.is_uri(root):
+        base = root.rstrip("/")
+    else:
+        # Ray workers resolve relative paths against their own working directory: store absolute ones.
+        base = os.path.abspath(root)
+    if prefix and _is_dir(fsio.join(base, prefix)):
+        return fsio.join(base, prefix)
+    return base
+
+
+def _is_dir(path: str) -> bool:
+    """Whether ``path`` is a folder (or a non-empty prefix); False when it cannot be checked (no such bucket, no
+    access): the root is then taken as given, and ``chexseg manifest``'s probe of a few paths names the problem."""
+    try:
+        fs, inner = fsio.filesystem(path)
+        return bool(fs.isdir(inner))
+    except Exception:
+        return False
 
 
 def _read_header(data: bytes) -> list[str]:

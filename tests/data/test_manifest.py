@@ -134,12 +134,53 @@ def test_paths_resolve_when_the_csv_sits_beside_the_dataset_folder(tmp_path: Pat
     [
         ("/data/chexpert", "/data/chexpert/train/patient00001/study1/view1_frontal.jpg"),
         ("/data/chexpert/", "/data/chexpert/train/patient00001/study1/view1_frontal.jpg"),
-        ("s3://bucket/chexpert", "s3://bucket/chexpert/train/patient00001/study1/view1_frontal.jpg"),
-        ("s3://bucket/", "s3://bucket/train/patient00001/study1/view1_frontal.jpg"),
     ],
 )
 def test_root_replaces_the_dataset_prefix(release_csv: str, root: str, expected: str) -> None:
     assert manifest_from_csv(release_csv, root=root).column("path").to_pylist()[0] == expected
+
+
+@pytest.mark.s3
+def test_s3_root_is_the_dataset_folder_or_the_folder_holding_it(
+    release_csv: str, s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An upload of DIR (holding CheXpert-v1.0-small/) to s3://bucket/DIR: --root s3://bucket/DIR and --root
+    s3://bucket/DIR/CheXpert-v1.0-small give the same paths, which exist; a wrong root is refused naming a path."""
+    rel = "train/patient00001/study1/view1_frontal.jpg"
+    with fsio.open_file(f"{s3_bucket}/up/{PREFIX}/{rel}", "wb") as f:
+        f.write(_jpeg())
+    want = f"{s3_bucket}/up/{PREFIX}/{rel}"
+    for root in (f"{s3_bucket}/up", f"{s3_bucket}/up/{PREFIX}"):
+        assert manifest_from_csv(release_csv, root=root).column("path").to_pylist()[0] == want
+        out = tmp_path / "m.parquet"
+        assert chexseg(["manifest", "--csv", release_csv, "--root", root, "--out", str(out)]) == 0
+        assert read_manifest(str(out)).column("path").to_pylist()[0] == want
+    assert chexseg(["manifest", "--csv", release_csv, "--root", f"{s3_bucket}/nothing", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{s3_bucket}/nothing/train/patient00001" in err and "--root" in err and "--no-check" in err
+
+
+def test_local_root_one_level_up_and_the_probe(
+    release_csv: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """chexseg synth and Kaggle copies: DIR/train.csv beside DIR/CheXpert-v1.0-small/. --root DIR works like --root
+    DIR/CheXpert-v1.0-small; a root under which no sampled image exists fails with the path and the fix, and
+    --no-check builds it anyway (before an upload)."""
+    data = tmp_path / "copy"
+    rel = "train/patient00001/study1/view1_frontal.jpg"
+    (data / PREFIX / rel).parent.mkdir(parents=True)
+    (data / PREFIX / rel).write_bytes(_jpeg())
+    out = tmp_path / "m.parquet"
+    for root in (data, data / PREFIX):
+        assert chexseg(["manifest", "--csv", release_csv, "--root", str(root), "--out", str(out)]) == 0
+        assert read_manifest(str(out)).column("path").to_pylist()[0] == str(data / PREFIX / rel)
+    out.unlink()
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    assert chexseg(["manifest", "--csv", release_csv, "--root", str(wrong), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(wrong / rel) in err and "--root" in err and not out.exists()
+    assert chexseg(["manifest", "--csv", release_csv, "--root", str(wrong), "--out", str(out), "--no-check"]) == 0
 
 
 def test_relative_root_is_made_absolute(release_csv: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,10 +271,10 @@ def test_extra_columns_and_reordered_columns_are_accepted(tmp_path: Path) -> Non
 
 def test_failed_run_keeps_the_previous_manifest(release_csv: str, tmp_path: Path) -> None:
     out = tmp_path / "m.parquet"
-    assert chexseg(["manifest", "--csv", release_csv, "--out", str(out)]) == 0
+    assert chexseg(["manifest", "--csv", release_csv, "--out", str(out), "--no-check"]) == 0
     before = out.read_bytes()
     bad = _write_csv(tmp_path / "bad.csv", [*ROWS, ROWS[0]])
-    assert chexseg(["manifest", "--csv", bad, "--out", str(out)]) == 2
+    assert chexseg(["manifest", "--csv", bad, "--out", str(out), "--no-check"]) == 2
     assert out.read_bytes() == before
 
 
@@ -242,7 +283,7 @@ def test_command_writes_parquet_with_provenance(
     release_csv: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "outputs" / "train.parquet"
-    assert chexseg(["manifest", "--csv", release_csv, "--out", str(out)]) == 0
+    assert chexseg(["manifest", "--csv", release_csv, "--out", str(out), "--no-check"]) == 0
     assert "6 radiographs (5 frontal" in capsys.readouterr().out
     table = pq.read_table(out)  # plain pyarrow, no project code
     assert table.schema.field("Edema").type == pa.float32()
@@ -280,7 +321,7 @@ def test_check_files_reports_missing_and_corrupt_by_line(
 
 def test_manifest_never_opens_images_without_check_files(release_csv: str, tmp_path: Path) -> None:
     # No image exists at all: building the manifest must still succeed.
-    assert chexseg(["manifest", "--csv", release_csv, "--out", str(tmp_path / "m.parquet")]) == 0
+    assert chexseg(["manifest", "--csv", release_csv, "--out", str(tmp_path / "m.parquet"), "--no-check"]) == 0
 
 
 # ---------------------------------------------------------------------------------------------------- listings
@@ -326,7 +367,7 @@ def test_csv_from_s3_to_manifest_on_s3(s3_bucket: str) -> None:
     with fsio.open_file(csv_uri, "wb") as f:
         f.write(("\n".join([",".join(CSV_HEADER), *ROWS]) + "\n").encode())
     out = f"{s3_bucket}/manifests/train.parquet"
-    assert chexseg(["manifest", "--csv", csv_uri, "--out", out]) == 0
+    assert chexseg(["manifest", "--csv", csv_uri, "--out", out, "--no-check"]) == 0
     table = read_manifest(out)
     assert table.column("path").to_pylist()[0] == f"{s3_bucket}/{PREFIX}/train/patient00001/study1/view1_frontal.jpg"
     assert table.column("Edema").to_pylist() == [1.0, 0.0, -1.0, None, 1.0, -1.0]
@@ -359,7 +400,7 @@ def test_provenance_records_the_root_the_paths_were_resolved_against(tmp_path: P
     csv_path = _write_csv(tmp_path / "train.csv", ROWS[:1])
     (tmp_path / PREFIX / "train").mkdir(parents=True)
     out = tmp_path / "m.parquet"
-    assert main(["manifest", "--csv", csv_path, "--out", str(out)]) == 0
+    assert main(["manifest", "--csv", csv_path, "--out", str(out), "--no-check"]) == 0
     meta = json.loads(pq.read_schema(out).metadata[METADATA_KEY])
     assert meta["root"] == str(tmp_path / PREFIX)
     assert meta["kind"] == "csv" and meta["rows"] == 1
