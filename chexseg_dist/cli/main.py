@@ -32,7 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-classifier": ("train_classifier", "train the saliency classifier with Ray Train; writes a checkpoint"),
     "pseudolabel": ("pseudolabel", "Ray Data job: all-class Grad-CAM for every radiograph into a resumable Zarr store"),
     "tune-thresholds": ("tune_thresholds", "tune per-pathology map thresholds and probability cutoffs on expert masks"),
-    "refine": ("refine", "Ray Data job: refined pseudo-masks (dense CRF) into the map store for the student"),
+    "train-affinity": ("train_affinity", "train the inter-pixel affinity network (IRNet) on CRF seeds with Ray Train"),
+    "refine": ("refine", "Ray Data job: refined pseudo-masks (CRF or affinity) into the map store for the student"),
     "export-masks": ("export_masks", "binarise stored maps into CheXlocalize segmentation JSON at original size"),
     "expert-split": ("expert_split", "split an expert set, patient-disjoint, into expert-train and expert-select"),
     "train-segmentation": (

@@ -23,6 +23,7 @@ from chexseg_dist.config.sections import (
     SegmentationConfig,
     SegmentConfig,
     SynthConfig,
+    TrainAffinityConfig,
     TrainClassifierConfig,
     TrainSegmentationConfig,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "SegmentConfig",
     "SegmentationConfig",
     "SynthConfig",
+    "TrainAffinityConfig",
     "TrainClassifierConfig",
     "TrainSegmentationConfig",
     "from_dict",

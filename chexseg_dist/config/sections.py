@@ -274,8 +274,9 @@ class MasksConfig(Section):
     workers: int = 2
     """Processes for export-masks and tune-thresholds (1 = in the calling process)."""
     refiner: str = "none"
-    """Refinement after binarisation and gating, against the radiograph: none or crf (dense CRF, the crf_* fields).
-    Runs in the model frame's content box (chexseg_dist.masks.refine)."""
+    """Refinement after binarisation and gating, against the radiograph: none, crf (dense CRF, the crf_* fields) or
+    affinity (random walk of the gated-in maps over a trained affinity network's boundaries, the rw_* fields and
+    fg_fraction). Runs in the model frame's content box (chexseg_dist.masks.refine)."""
     crf_iterations: int = 10
     """Mean-field iterations of the dense CRF."""
     crf_gt_prob: float = 0.7
@@ -296,14 +297,38 @@ class MasksConfig(Section):
     """Half-width of the CRF's message window, frame pixels (a window covering the image = fully connected)."""
     refine_cpus: float = 1.0
     """CPUs per task of chexseg refine (one task per store chunk; torch threads = max(1, int(refine_cpus)))."""
+    affinity_checkpoint: str = ""
+    """Affinity network (chexseg train-affinity) for refiner=affinity; it must have been trained at the frame size
+    the masks are made in."""
+    rw_radius: int = 3
+    """Random walk (refiner=affinity): affinity radius in boundary cells (4 frame pixels each)."""
+    rw_beta: float = 5.0
+    """Random walk: power of the affinities."""
+    rw_exp: int = 3
+    """Random walk: 2**rw_exp propagation steps."""
+    fg_fraction: float = 0.6
+    """Random walk: foreground where the propagated map exceeds this fraction of its maximum."""
+    seed_fg_plane: float = 0.25
+    """Affinity training seeds: background plane of the confident-foreground CRF (foreground = map above it)."""
+    seed_bg_plane: float = 0.1
+    """Affinity training seeds: background plane of the confident-background CRF."""
 
     def validate(self) -> None:
         BINARIZERS.check(self.strategy, "masks.strategy")
         REFINERS.check(self.refiner, "masks.refiner")
         for name in ("crf_iterations", "crf_stride", "crf_radius", "crf_gauss_sxy", "crf_bilat_sxy", "crf_bilat_srgb"):
             _check_positive("masks", name, getattr(self, name))
-        if not 0.0 < self.crf_gt_prob < 1.0:
-            raise ConfigError(f"config masks.crf_gt_prob={self.crf_gt_prob!r} must be in (0, 1)")
+        for name in ("crf_gt_prob", "fg_fraction", "seed_fg_plane", "seed_bg_plane"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"config masks.{name}={getattr(self, name)!r} must be in (0, 1)")
+        for name in ("rw_radius", "rw_beta"):
+            _check_positive("masks", name, getattr(self, name))
+        _check_positive("masks", "rw_exp", self.rw_exp, allow_zero=True)
+        if self.refiner == "affinity" and not self.affinity_checkpoint:
+            raise ConfigError(
+                "masks.refiner=affinity needs a trained affinity network: run chexseg train-affinity, then pass "
+                "--set masks.affinity_checkpoint=DIR"
+            )
         EVAL_MODES.check(self.tune_mode, "masks.tune_mode")
         for name in ("threshold_steps", "cutoff_steps", "workers"):
             _check_positive("masks", name, getattr(self, name))
@@ -505,6 +530,49 @@ class SegmentConfig(Section):
 
 
 @dataclass
+class TrainAffinityConfig(Section):
+    """Training the inter-pixel affinity network with Ray Train on CRF seeds of a store (``chexseg train-affinity``).
+
+    Frames are the student's (``segmentation.image_size``): the network refines masks in that frame only."""
+
+    SECTION: ClassVar[str] = "train_affinity"
+
+    epochs: int = 5
+    batch_size: int = 16
+    """Per-worker batch size (IRNet's: 16)."""
+    lr: float = 1e-3
+    width: int = 32
+    """Channels of the boundary network."""
+    radius: int = 5
+    """Training pairs: cells (4 frame pixels each) within this radius (IRNet's: 10 on larger frames)."""
+    valid_fraction: float = 0.05
+    """Share of the store's images (by id hash) held out: the epoch's score is minus their mean loss."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0
+    """Intra-op torch threads per CPU worker; 0 = max(1, int(cpus_per_worker))."""
+    decode_cpus: float = 1.0
+    """CPUs per Ray Data task (read the chunk, decode, CRF seeds)."""
+    seed: int = 0
+    max_failures: int = 2
+    run_name: str = ""
+    storage_path: str = ""
+    """Ray Train storage (local dir, NFS or s3://); empty = <out>.ray next to the output checkpoint."""
+    num_to_keep: int = 2
+    log_every_steps: int = 20
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "lr", "width", "radius", "num_workers", "cpus_per_worker", "decode_cpus"):
+            _check_positive("train_affinity", name, getattr(self, name))
+        for name in ("torch_threads", "max_failures", "log_every_steps"):
+            _check_positive("train_affinity", name, getattr(self, name), allow_zero=True)
+        _check_positive("train_affinity", "num_to_keep", self.num_to_keep)
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError(f"config train_affinity.valid_fraction={self.valid_fraction!r} must be in (0, 1)")
+
+
+@dataclass
 class Config:
     """The root configuration; one section per component."""
 
@@ -517,6 +585,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     train_segmentation: TrainSegmentationConfig = field(default_factory=TrainSegmentationConfig)
+    train_affinity: TrainAffinityConfig = field(default_factory=TrainAffinityConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -119,6 +119,7 @@ REFINERS: Registry[type] = Registry(
     {
         "none": "chexseg_dist.masks.refine:NoRefiner",
         "crf": "chexseg_dist.masks.refine:CrfRefiner",
+        "affinity": "chexseg_dist.masks.refine:AffinityRefiner",
     },
 )
 

@@ -130,6 +130,7 @@ class MaskMaker:
         if image.shape != (box.size, box.size):
             raise ValueError(f"the image's frame is {image.shape}, its letterbox is {box.size} x {box.size}")
         s = box.size
+        self.refiner.check_frame(s)
         rows, cols = content_window(box, "model")
         model = np.zeros((N_TASKS, s, s), dtype=bool)
         todo = np.flatnonzero(self.keep(probs, labels))

@@ -32,7 +32,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -386,6 +386,9 @@ class Refiner:
         ``[P]`` TASKS indices -> ``[P, h, w]`` bool."""
         return masks
 
+    def check_frame(self, size: int) -> None:
+        """Refuse a model frame this refiner cannot work in (default: any)."""
+
 
 class NoRefiner(Refiner):
     """Today's masks, unchanged."""
@@ -401,6 +404,59 @@ class CrfRefiner(Refiner):
 
     def refine(self, image: np.ndarray, masks: np.ndarray, norm_maps: np.ndarray, tasks: np.ndarray) -> np.ndarray:
         return crf_refine(image, masks, self.params)
+
+
+class AffinityRefiner(Refiner):
+    """Random walk of each gated-in map over a trained affinity network's boundaries (:func:`propagate_masks`); the
+    binarised mask is not used: foreground is where the walked map exceeds ``fg_fraction`` of its maximum.
+
+    Args:
+        loaded: the affinity checkpoint (:func:`chexseg_dist.models.affinity.load_affinity`).
+        radius, beta, exp_times: the walk.
+        fg_fraction: ``[10]`` per-pathology fractions.
+    """
+
+    name = "affinity"
+
+    def __init__(self, loaded: Any, radius: int, beta: float, exp_times: int, fg_fraction: np.ndarray) -> None:
+        self.loaded = loaded
+        self.radius, self.beta, self.exp_times = int(radius), float(beta), int(exp_times)
+        self.fg_fraction = np.asarray(fg_fraction, dtype=np.float32)
+
+    @classmethod
+    def from_config(cls, cfg: MasksConfig, tuned: TunedThresholds | None = None) -> AffinityRefiner:
+        from chexseg_dist.models.affinity import load_affinity
+
+        loaded = load_affinity(cfg.affinity_checkpoint)
+        fractions = np.full(10, cfg.fg_fraction, dtype=np.float32)
+        return cls(loaded, cfg.rw_radius, cfg.rw_beta, cfg.rw_exp, fractions)
+
+    def check_frame(self, size: int) -> None:
+        if size != self.loaded.frame:
+            from chexseg_dist.errors import InputError
+
+            raise InputError(
+                f"affinity checkpoint {self.loaded.path} was trained on {self.loaded.frame} px frames, these masks are "
+                f"made in {size} px frames: train one at this size (chexseg train-affinity with "
+                f"segmentation.image_size={size})"
+            )
+
+    def boundary(self, image: np.ndarray) -> np.ndarray:
+        """``[h, w]`` 0..255 -> ``[ceil(h/4), ceil(w/4)]`` boundary probabilities."""
+        with torch.no_grad():
+            x = torch.as_tensor(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+            return self.loaded.model(x)[0].numpy()
+
+    def refine(self, image: np.ndarray, masks: np.ndarray, norm_maps: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        from chexseg_dist.models.affinity import STRIDE
+
+        out = np.zeros(masks.shape, dtype=bool)
+        if len(tasks) == 0:
+            return out
+        b = self.boundary(image)
+        return propagate_masks(
+            norm_maps, b, masks.shape[1:], STRIDE, self.radius, self.beta, self.exp_times, self.fg_fraction[tasks]
+        )
 
 
 def create_refiner(cfg: MasksConfig, tuned: TunedThresholds | None = None) -> Refiner:

@@ -46,7 +46,7 @@ from chexseg_dist.store.mapstore import MapStore
 from chexseg_dist.store.refined import RefinedMasks
 
 #: The masks-config fields that decide a refiner's output (with the binariser's and the gates').
-REFINER_FIELDS_PREFIX = "crf_"
+REFINER_FIELDS = ("crf_", "rw_", "fg_fraction")
 
 
 def refine_spec(
@@ -57,13 +57,19 @@ def refine_spec(
     spec: dict[str, Any] = {
         "version": REFINED_VERSION,
         "refiner": masks.refiner,
-        "params": {k: v for k, v in sorted(asdict(masks).items()) if k.startswith(REFINER_FIELDS_PREFIX)},
+        "params": {k: v for k, v in sorted(asdict(masks).items()) if k.startswith(REFINER_FIELDS)},
         "strategy": masks.strategy,
         "label_gating": bool(label_gating),
         "prob_cutoff": bool(masks.prob_cutoff),
         "frame": int(frame),
         "model_fingerprint": model_fingerprint,
     }
+    if masks.refiner == "affinity":  # the network's weights, not its path, decide the masks
+        from chexseg_dist.models.affinity import AFFINITY_META
+        from chexseg_dist.models.checkpoint import read_json_meta
+
+        meta = read_json_meta(masks.affinity_checkpoint, AFFINITY_META, "an affinity checkpoint")
+        spec["affinity_fingerprint"] = meta.get("fingerprint")
     if thresholds is not None and (masks.strategy == "tuned" or masks.prob_cutoff):
         spec["thresholds"] = [round(float(t), 6) for t in thresholds.thresholds]
         spec["cutoffs"] = [round(float(c), 6) for c in thresholds.cutoffs] if masks.prob_cutoff else None
