@@ -142,7 +142,8 @@ def run_refine(
         raise ConfigError(
             "masks.refiner=none: nothing to refine (masks are made on the fly); pass --set masks.refiner=crf"
         )
-    student_maker(cfg, thresholds)  # a bad recipe (unknown refiner, tuned without thresholds) fails before the lock
+    # A bad recipe (unknown refiner, tuned without thresholds, a network of another frame) fails before the lock.
+    student_maker(cfg, thresholds).refiner.check_frame(cfg.segmentation.image_size)
     store = MapStore.open(store_uri, mode="r+")
     if not store.done().any():
         raise StoreError(f"map store {store.uri} holds no maps yet: run chexseg pseudolabel first, then chexseg refine")

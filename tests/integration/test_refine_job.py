@@ -169,3 +169,71 @@ def test_killed_refine_job_resumes_to_the_same_masks(ray_cluster: None, tmp_path
     b = RefinedMasks.open(MapStore.open(reference), key).read(np.arange(120))[0]
     np.testing.assert_array_equal(a, b)
     assert a[:, 0].any(axis=(1, 2)).all()
+
+
+def test_affinity_loss_prefers_a_boundary_on_the_seed_edge() -> None:
+    import torch
+
+    from chexseg_dist.masks.refine import IGNORE
+    from chexseg_dist.train.affinity import affinity_loss
+
+    seeds = torch.full((1, N_TASKS, 12, 16), IGNORE, dtype=torch.uint8)
+    seeds[0, 0] = 0
+    seeds[0, 0, :, :8] = 1  # foreground left of column 8
+    on_edge = torch.zeros(1, 12, 16)
+    on_edge[0, :, 7:9] = 0.99
+    elsewhere = torch.zeros(1, 12, 16)
+    elsewhere[0, :, 2] = 0.99
+    flat = torch.full((1, 12, 16), 0.01)
+    losses = {
+        k: float(affinity_loss(b, seeds, 3)[0]) for k, b in [("edge", on_edge), ("else", elsewhere), ("flat", flat)]
+    }
+    assert losses["edge"] < losses["flat"] < losses["else"]
+    no_pairs = torch.full((1, N_TASKS, 12, 16), IGNORE, dtype=torch.uint8)
+    assert float(affinity_loss(on_edge, no_pairs, 3)[0]) == 0.0
+
+
+@pytest.mark.cluster
+def test_train_affinity_then_refine_with_it(
+    ray_cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from chexseg_dist.cli.main import main
+
+    store, manifest, _ = make_inputs(tmp_path, 48, seed=2)
+    ckpt = str(tmp_path / "affinity")
+    sets = [
+        "segmentation.image_size=64",
+        "train_affinity.epochs=2",
+        "train_affinity.width=8",
+        "train_affinity.batch_size=8",
+    ]
+    sets += ["train_affinity.valid_fraction=0.2", "masks.crf_stride=2"]
+    argv = ["train-affinity", "--store", store, "--manifest", manifest, "--out", ckpt]
+    assert main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert "best epoch" in out and (tmp_path / "affinity" / "affinity.json").exists()
+    import json
+
+    with open(tmp_path / "affinity" / "metrics.json") as f:
+        history = json.load(f)["epochs"]
+    assert len(history) == 2 and all(np.isfinite(h["valid_loss"]) for h in history)
+
+    refine = ["--set", "masks.refiner=affinity", "--set", f"masks.affinity_checkpoint={ckpt}"]
+    pred = str(tmp_path / "pred.json")
+    base = ["export-masks", "--store", store, "--images", manifest, "--out", pred, "--workers", "1"]
+    assert main([*base, *refine]) == 0  # the store's frame is 64 px, as the network's
+    from chexseg_dist.data.chexlocalize import decode_mask, read_segmentations
+
+    masks = read_segmentations(pred)
+    assert any(decode_mask(m[TASKS[0]]).any() for m in masks.values())
+
+    # The network refines only in its own frame; no checkpoint, or not an affinity checkpoint: one line, exit 2.
+    assert (
+        main(["refine", "--store", store, "--manifest", manifest, *refine, "--set", "segmentation.image_size=96"]) == 2
+    )
+    assert "trained on 64 px frames" in capsys.readouterr().err
+    assert main([*base, "--set", "masks.refiner=affinity"]) == 2
+    assert "chexseg train-affinity" in capsys.readouterr().err
+    assert main([*base, "--set", "masks.refiner=affinity", "--set", f"masks.affinity_checkpoint={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "affinity.json not found" in err and err.count("\n") == 1
