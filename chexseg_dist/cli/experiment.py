@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from chexseg_dist.cli._args import Output, add_config_arguments, log_beside
@@ -130,10 +131,15 @@ def run(args: argparse.Namespace) -> int:
     tuned_masks = cfg.masks.strategy == "tuned"
 
     def student(
-        setting: str, mode: str, folder: str, limit: int | None = None, refiner: str = "none"
+        setting: str,
+        mode: str,
+        folder: str,
+        limit: int | None = None,
+        refiner: str = "none",
+        extra: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Train one student, segment test with it and evaluate; returns its comparison row."""
-        refine = ["--set", f"masks.refiner={refiner}"] if refiner != "none" else []
+        refine = ["--set", f"masks.refiner={refiner}", *extra] if refiner != "none" else []
         base = f"{out}/{setting}"
         extra = ["--expert-limit", str(limit)] if limit is not None else []
         teacher = ["--set", f"train_segmentation.teacher={base}/students/full"] if mode == "distill" else []
@@ -362,7 +368,8 @@ def refiner_rows(
     cfg_args: list[str],
 ) -> dict[str, dict[str, float]]:
     """``{refiner: {"pseudo_miou", "weak", "semi"}}``: each refiner's pseudo-masks on test (tuned thresholds from
-    expert-train, as the Grad-CAM reference row; ``none`` is that row) and the students trained on its masks."""
+    expert-train, as the Grad-CAM reference row; ``none`` is that row) and the students trained on its masks. The
+    affinity refiner's network is trained first, on the train store's CRF seeds (``<out>/affinity``)."""
     from chexseg_dist.core.ray_env import ray_session
     from chexseg_dist.evaluation.experiment import comparison, read_summary
 
@@ -374,6 +381,25 @@ def refiner_rows(
         }
     }
     details: dict[str, Any] = {}
+    extra: dict[str, list[str]] = {name: [] for name in refiners}
+    if "affinity" in refiners:
+        ckpt = f"{out}/affinity"
+        with ray_session():
+            stage(
+                "refiners: train the affinity network on the train store's CRF seeds",
+                [
+                    "train-affinity",
+                    "--store",
+                    f"{maps}/train.zarr",
+                    "--manifest",
+                    f"{man}/train.parquet",
+                    "--out",
+                    ckpt,
+                    *cfg_args,
+                ],
+                reuse=f"{ckpt}/affinity.json",
+            )
+        extra["affinity"] = ["--set", f"masks.affinity_checkpoint={ckpt}"]
     for name in refiners[1:]:
         pred = f"{ref}/pseudo_{name}.json"
         stage(
@@ -393,6 +419,7 @@ def refiner_rows(
                 *cfg_args,
                 "--set",
                 f"masks.refiner={name}",
+                *extra[name],
             ],
             reuse=pred,
         )
@@ -404,8 +431,8 @@ def refiner_rows(
         )
         pseudo = comparison(read_summary(ev), scored)
         with ray_session():
-            weak = student("annotated", "weak", f"students/weak_{name}", refiner=name)
-            semi = student("annotated", "semi", f"students/semi_{name}", refiner=name)
+            weak = student("annotated", "weak", f"students/weak_{name}", refiner=name, extra=extra[name])
+            semi = student("annotated", "semi", f"students/semi_{name}", refiner=name, extra=extra[name])
         rows[name] = {"pseudo_miou": pseudo["mean_miou"], "weak": weak["mean_miou"], "semi": semi["mean_miou"]}
         details[name] = {"pseudo": pseudo, "weak": weak, "semi": semi}
     results["refiner_details"] = details
