@@ -6,7 +6,8 @@ job through Ray Data on this machine's CPUs, and what refined masks add to the s
    (tuned-free Otsu binarisation, label gating by the manifest's labels, then the CRF), for the CRF's grid stride 4
    (the default) and 8 (the paper preset's); ms per image and per refined (image, pathology). Also all 10
    pathologies of each image refined (no gating: the worst case). The random walk (IRNet's propagation: radius 3,
-   beta 5, 2^3 steps on the stride-4 grid) over a random boundary map: its cost does not depend on the values.
+   beta 5, 2^3 steps on the stride-4 grid) over a random boundary map: its cost does not depend on the values; and
+   the boundary network's forward pass (once per image, shared by its pathologies).
 2. **The refine job** (``chexseg refine`` on a copy of the store, a local Ray with every CPU): images/s end to end
    (Ray start-up excluded), at the tiny preset's 128 px frame and at 320 px with stride 8, and the bytes its
    ``refined/<key>`` arrays add to the store per image.
@@ -93,6 +94,16 @@ def per_pair(store: str, manifest: str, n_images: int, frame: int) -> dict[str, 
     for _ in range(reps):
         propagate_masks(maps, boundary, (h, w), 4, 3, 5.0, 3, 0.6)
     out["random_walk_ms_per_pair"] = 1000 * (time.perf_counter() - t0) / (reps * 10)
+    from chexseg_dist.models.affinity import BoundaryNet
+
+    net = BoundaryNet().eval()  # the forward pass costs the same whatever the weights
+    x = torch.rand(1, 1, frame, frame)
+    with torch.no_grad():
+        net(x)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            net(x)
+    out["boundary_net_ms_per_image"] = 1000 * (time.perf_counter() - t0) / reps
     return out
 
 
@@ -145,6 +156,7 @@ def main() -> int:
                 f"(unrefined {v['ms_per_image_unrefined']:.1f})"
             )
     print(f"  random walk (stride 4, radius 3, 8 steps): {pp['random_walk_ms_per_pair']:.1f} ms/pair")
+    print(f"  boundary network forward: {pp['boundary_net_ms_per_image']:.1f} ms/image (once per image)")
     results["job"] = []
     for sets in (["segmentation.image_size=128"], ["segmentation.image_size=320", "masks.crf_stride=8"]):
         r = job(args.store, args.manifest, sets)
