@@ -332,7 +332,7 @@ def random_walk(
     return v
 
 
-def propagate_masks(
+def walk_maps(
     norm_maps: np.ndarray,
     boundary: np.ndarray,
     shape: tuple[int, int],
@@ -340,19 +340,15 @@ def propagate_masks(
     radius: int,
     beta: float,
     exp_times: int,
-    fg_fraction: np.ndarray | float,
 ) -> np.ndarray:
-    """Random-walk refined masks of one image from its boundary map.
+    """The random walk of one image's maps, each divided by its maximum (``[P, h, w]`` in [0, 1]; an all-zero map
+    stays zero): foreground is where it exceeds ``fg_fraction`` (:func:`propagate_masks`).
 
     Args:
         norm_maps: ``[P, h, w]`` normalised maps of the content box (frame resolution).
         boundary: ``[gh, gw]`` boundary probabilities on the ``stride`` grid of the content box.
         shape: ``(h, w)`` of the content box.
         stride, radius, beta, exp_times: the walk (radius in grid cells).
-        fg_fraction: ``[P]`` or scalar: foreground where the propagated score exceeds this fraction of its max.
-
-    Returns:
-        ``[P, h, w]`` bool. An all-zero map stays empty.
     """
     maps = np.asarray(norm_maps, dtype=np.float32)
     with torch.no_grad():
@@ -364,11 +360,29 @@ def propagate_masks(
         grid = grid / torch.where(top > 0, top, 1.0)[:, None, None]
         offsets, aff = path_affinity(b, radius)
         walked = random_walk(grid * (1.0 - b), aff, offsets, beta, exp_times)
-        up = from_grid(walked, shape, stride)
+        up = from_grid(walked, shape, stride).clamp_min(0)
         peak = up.reshape(len(up), -1).amax(dim=1)
-        frac = torch.as_tensor(np.broadcast_to(np.asarray(fg_fraction, np.float32), (len(up),)).copy())
-        keep = (peak > 0)[:, None, None]
-        return ((up > frac[:, None, None] * peak[:, None, None]) & keep).numpy()
+        return (up / torch.where(peak > 0, peak, 1.0)[:, None, None]).numpy()
+
+
+def propagate_masks(
+    norm_maps: np.ndarray,
+    boundary: np.ndarray,
+    shape: tuple[int, int],
+    stride: int,
+    radius: int,
+    beta: float,
+    exp_times: int,
+    fg_fraction: np.ndarray | float,
+) -> np.ndarray:
+    """Random-walk refined masks of one image: :func:`walk_maps` above ``fg_fraction`` (``[P]`` or scalar).
+
+    Returns:
+        ``[P, h, w]`` bool. An all-zero map stays empty.
+    """
+    walked = walk_maps(norm_maps, boundary, shape, stride, radius, beta, exp_times)
+    frac = np.broadcast_to(np.asarray(fg_fraction, np.float32), (len(walked),))
+    return walked > frac[:, None, None]
 
 
 # ---------------------------------------------------------------------------------------------------- refiners
@@ -429,6 +443,11 @@ class AffinityRefiner(Refiner):
 
         loaded = load_affinity(cfg.affinity_checkpoint)
         fractions = np.full(10, cfg.fg_fraction, dtype=np.float32)
+        tuned_fractions = tuned.meta.get("fg_fractions") if tuned is not None else None
+        if tuned_fractions:  # tune-thresholds with masks.refiner=affinity chose them on expert-train
+            from chexseg_dist.core.pathologies import TASKS
+
+            fractions = np.asarray([tuned_fractions[t] for t in TASKS], dtype=np.float32)
         return cls(loaded, cfg.rw_radius, cfg.rw_beta, cfg.rw_exp, fractions)
 
     def check_frame(self, size: int) -> None:
@@ -447,16 +466,18 @@ class AffinityRefiner(Refiner):
             x = torch.as_tensor(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
             return self.loaded.model(x)[0].numpy()
 
-    def refine(self, image: np.ndarray, masks: np.ndarray, norm_maps: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+    def walk(self, image: np.ndarray, norm_maps: np.ndarray) -> np.ndarray:
+        """:func:`walk_maps` of one image's content box over this network's boundaries."""
         from chexseg_dist.models.affinity import STRIDE
 
-        out = np.zeros(masks.shape, dtype=bool)
-        if len(tasks) == 0:
-            return out
         b = self.boundary(image)
-        return propagate_masks(
-            norm_maps, b, masks.shape[1:], STRIDE, self.radius, self.beta, self.exp_times, self.fg_fraction[tasks]
-        )
+        return walk_maps(norm_maps, b, norm_maps.shape[1:], STRIDE, self.radius, self.beta, self.exp_times)
+
+    def refine(self, image: np.ndarray, masks: np.ndarray, norm_maps: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        if len(tasks) == 0:
+            return np.zeros(masks.shape, dtype=bool)
+        walked = self.walk(image, norm_maps)
+        return walked > self.fg_fraction[tasks][:, None, None]
 
 
 def create_refiner(cfg: MasksConfig, tuned: TunedThresholds | None = None) -> Refiner:

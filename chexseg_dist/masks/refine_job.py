@@ -70,6 +70,8 @@ def refine_spec(
 
         meta = read_json_meta(masks.affinity_checkpoint, AFFINITY_META, "an affinity checkpoint")
         spec["affinity_fingerprint"] = meta.get("fingerprint")
+    if masks.refiner == "affinity" and thresholds is not None and thresholds.meta.get("fg_fractions"):
+        spec["fg_fractions"] = thresholds.meta["fg_fractions"]
     if thresholds is not None and (masks.strategy == "tuned" or masks.prob_cutoff):
         spec["thresholds"] = [round(float(t), 6) for t in thresholds.thresholds]
         spec["cutoffs"] = [round(float(c), 6) for c in thresholds.cutoffs] if masks.prob_cutoff else None

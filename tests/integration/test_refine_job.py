@@ -19,6 +19,7 @@ from maps_helpers import image_ids, make_manifest, make_store, write_png
 from chexseg_dist.config import load_config
 from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.pathologies import N_TASKS, OBSERVATIONS, TASKS
+from chexseg_dist.data.chexlocalize import encode_mask, write_segmentations
 from chexseg_dist.data.failures import read_failure_tables
 from chexseg_dist.data.images import load_frame
 from chexseg_dist.masks.gating import manifest_labels
@@ -45,6 +46,7 @@ def make_inputs(tmp: Path, n: int, seed: int = 0) -> tuple[str, str, list[str]]:
     cams = np.zeros((n, N_TASKS, 8, 8), dtype=np.float32)
     labels = np.full((n, len(OBSERVATIONS)), np.nan)
     paths = []
+    gt = {}
     for i, image_id in enumerate(image_ids(n)):
         top, left = int(rng.integers(4, 20)), int(rng.integers(4, 30))
         truth = np.zeros((h, w), dtype=bool)
@@ -55,6 +57,8 @@ def make_inputs(tmp: Path, n: int, seed: int = 0) -> tuple[str, str, list[str]]:
         labels[i, OBSERVATIONS.index(TASKS[0])] = 1.0
         labels[i, OBSERVATIONS.index(TASKS[2])] = 1.0
         labels[i, OBSERVATIONS.index(TASKS[1])] = 0.0  # gated off: its refined mask must be empty
+        gt[image_id] = {t: encode_mask(truth if k == 0 else np.zeros((h, w), bool)) for k, t in enumerate(TASKS)}
+    write_segmentations(str(tmp / "gt.json"), gt)
     store = str(tmp / "maps.zarr")
     make_store(store, cams, [(h, w)] * n, frame)
     manifest = str(tmp / "m.parquet")
@@ -226,6 +230,26 @@ def test_train_affinity_then_refine_with_it(
 
     masks = read_segmentations(pred)
     assert any(decode_mask(m[TASKS[0]]).any() for m in masks.values())
+
+    # tune-thresholds also chooses the walk's foreground fraction per pathology on the expert masks.
+    tuned = str(tmp_path / "t.json")
+    argv = [
+        "tune-thresholds",
+        "--store",
+        store,
+        "--gt",
+        str(tmp_path / "gt.json"),
+        "--images",
+        manifest,
+        "--out",
+        tuned,
+    ]
+    assert main([*argv, *refine, "--workers", "1"]) == 0
+    with open(tuned) as f:
+        fractions = json.load(f)["fg_fractions"]
+    assert set(fractions) == set(TASKS) and 0 < fractions[TASKS[0]] < 1
+    assert fractions[TASKS[5]] == 0.6  # no expert positive: the configured fraction
+    assert main([*base, *refine, "--thresholds", tuned]) == 0
 
     # The network refines only in its own frame; no checkpoint, or not an affinity checkpoint: one line, exit 2.
     assert (

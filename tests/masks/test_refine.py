@@ -227,7 +227,7 @@ def test_refiner_errors_are_one_line_and_write_nothing(tmp_path, capsys) -> None
     base = ["export-masks", "--store", store, "--out", str(pred), "--workers", "1"]
     assert main([*base, "--images", manifest, "--set", "masks.refiner=bogus"]) == 2
     err = capsys.readouterr().err
-    assert "masks.refiner='bogus': unknown mask refiner; choose one of ['crf', 'none']" in err
+    assert "masks.refiner='bogus': unknown mask refiner; choose one of ['affinity', 'crf', 'none']" in err
     assert err.count("\n") == 1
     assert main([*base, "--set", "masks.refiner=crf"]) == 2
     assert "--images" in capsys.readouterr().err
