@@ -89,6 +89,7 @@ def main() -> None:
             ]
             vals.append(f"{statistics.mean(per):.3f}")
         print(f"| {name} | " + " | ".join(vals) + " |")
+    refiner_tables(runs)
     print("\n| seed | total s | classifier s | pseudo-labelling s | students s (train) | segment + evaluate s |")
     print("|---|---|---|---|---|---|")
     for path, run in runs:
@@ -96,6 +97,53 @@ def main() -> None:
         parts = [_total(st, "classifier"), _total(st, "pseudo-label"), _total(st, ": train ")]
         parts.append(_total(st, "segment") + _total(st, "evaluate"))
         print(f"| {_seed(run, path)} | {run['total_seconds']:.0f} | " + " | ".join(f"{v:.0f}" for v in parts) + " |")
+
+
+def refiner_tables(runs: list[tuple[str, dict[str, Any]]]) -> None:
+    """With --refiners: pseudo-label mIoU and the weak / semi students per refiner and seed, and the pseudo-labels'
+    per-pathology mIoU (mean over seeds, with each seed's 95% CI) against the unrefined tuned Grad-CAM masks."""
+    with_refiners = [(p, r) for p, r in runs if "refiners" in r]
+    if not with_refiners:
+        return
+    names = list(dict.fromkeys(n for _, r in with_refiners for n in r["refiners"]))
+    print("\n| seed | " + " | ".join(f"{n}: pseudo | {n}: weak | {n}: semi" for n in names) + " |")
+    print("|---|" + "---|---|---|" * len(names))
+    for path, run in with_refiners:
+        cells = []
+        for n in names:
+            row = run["refiners"].get(n)
+            cells += ["n/a"] * 3 if row is None else [f"{row[k]:.4f}" for k in ("pseudo_miou", "weak", "semi")]
+        print(f"| {_seed(run, path)} | " + " | ".join(cells) + " |")
+    for n in names:
+        rows = [r["refiners"][n] for _, r in with_refiners if n in r["refiners"]]
+        if len(rows) == len(with_refiners):
+            mean = {k: statistics.mean(x[k] for x in rows) for k in ("pseudo_miou", "weak", "semi")}
+            print(
+                f"mean over {len(rows)} seeds, {n}: pseudo {mean['pseudo_miou']:.4f}, weak {mean['weak']:.4f}, "
+                f"semi {mean['semi']:.4f}"
+            )
+    scored = with_refiners[0][1]["pathologies_scored"]
+    refined = [n for n in names if n != "none"]
+    print("\nPseudo-label mIoU per pathology on test, mean over seeds [each seed's 95% CI]:\n")
+    print("| pathology | none (tuned Grad-CAM) | " + " | ".join(refined) + " |")
+    print("|---|---|" + "---|" * len(refined))
+    ref_name = "Grad-CAM tuned (classifier saliency)"
+    for t in scored:
+        cells = []
+        for n in ["none", *refined]:
+            entries = [
+                r["reference"][ref_name]["pathologies"][t]
+                if n == "none"
+                else r.get("refiner_details", {}).get(n, {}).get("pseudo", {}).get("pathologies", {}).get(t)
+                for _, r in with_refiners
+            ]
+            if any(e is None for e in entries):
+                cells.append("n/a")
+                continue
+            mean = statistics.mean((e["miou"] or 0.0) for e in entries)
+            cis = ", ".join(f"{e['ci'][0]:.2f}-{e['ci'][1]:.2f}" if e["ci"][0] is not None else "-" for e in entries)
+            cells.append(f"{mean:.3f} [{cis}]")
+        print(f"| {t} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
