@@ -140,9 +140,9 @@ def refiner_tables(runs: list[tuple[str, dict[str, Any]]]) -> None:
             if any(e is None for e in entries):
                 cells.append("n/a")
                 continue
-            mean = statistics.mean((e["miou"] or 0.0) for e in entries)
+            avg = statistics.mean((e["miou"] or 0.0) for e in entries)
             cis = ", ".join(f"{e['ci'][0]:.2f}-{e['ci'][1]:.2f}" if e["ci"][0] is not None else "-" for e in entries)
-            cells.append(f"{mean:.3f} [{cis}]")
+            cells.append(f"{avg:.3f} [{cis}]")
         print(f"| {t} | " + " | ".join(cells) + " |")
 
 
