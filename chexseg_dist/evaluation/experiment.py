@@ -159,6 +159,43 @@ def markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"| {n} | {f_:.4f} | {s_:.4f} | {_pct(s_ / f_ - 1 if f_ else None)} |")
         lines.append("")
         lines.append("![expert curve](expert_curve.png)")
+    refiners = results.get("refiners")
+    if refiners:
+        details = results.get("refiner_details", {})
+        lines += [
+            "",
+            "## Pseudo-label refiners (comparison mean)",
+            "",
+            "`pseudo`: the refined tuned Grad-CAM masks on test (`none`: the Grad-CAM reference row);",
+            "`weak` and `semi`: students trained on that refiner's masks (`none`: the headline rows).",
+            "",
+            "| refiner | pseudo | weak | semi | semi vs semi on none |",
+            "|---|---|---|---|---|",
+        ]
+        base = refiners.get("none", {}).get("semi")
+        for name, vals in refiners.items():
+            gain = vals["semi"] / base - 1 if base else None
+            lines.append(
+                f"| {name} | {vals['pseudo_miou']:.4f} | {vals['weak']:.4f} | {vals['semi']:.4f} | {_pct(gain)} |"
+            )
+        if details:
+            names = list(details)
+            lines += [
+                "",
+                "Pseudo-labels per pathology with 95% bootstrap CIs:",
+                "",
+                "| pathology | none | " + " | ".join(names) + " |",
+                "|---|---|" + "---|" * len(names),
+            ]
+            none_rows = (
+                results.get("reference", {}).get("Grad-CAM tuned (classifier saliency)", {}).get("pathologies", {})
+            )
+            for t in scored:
+                cells = [_cell(none_rows[t]["miou"], none_rows[t]["ci"]) if t in none_rows else "n/a"]
+                for name in names:
+                    entry = details[name]["pseudo"]["pathologies"][t]
+                    cells.append(_cell(entry["miou"], entry["ci"]))
+                lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines += ["", "## Seconds per stage", "", "| stage | seconds |", "|---|---|"]
     for name, sec in results["stage_seconds"].items():
         lines.append(f"| {name} | {sec:.1f} |")
