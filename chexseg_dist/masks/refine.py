@@ -270,7 +270,7 @@ def half_offsets(radius: int) -> list[tuple[int, int]]:
     return out
 
 
-def _shift(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
+def shift_grid(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
     """``y[..., i, j] = x[..., i + dy, j + dx]`` (``fill`` off the grid)."""
     h, w = x.shape[-2:]
     p = max(abs(dy), abs(dx))
@@ -293,10 +293,10 @@ def path_affinity(boundary: torch.Tensor, radius: int) -> tuple[list[tuple[int, 
     out = []
     for dy, dx in offsets:
         steps = max(abs(dy), abs(dx))
-        worst = torch.maximum(boundary, _shift(boundary, dy, dx, 1.0))
+        worst = torch.maximum(boundary, shift_grid(boundary, dy, dx, 1.0))
         for s in range(1, steps):
             ry, rx = round(dy * s / steps), round(dx * s / steps)
-            worst = torch.maximum(worst, _shift(boundary, ry, rx, 1.0))
+            worst = torch.maximum(worst, shift_grid(boundary, ry, rx, 1.0))
         out.append(1.0 - worst)
     return offsets, torch.stack(out, dim=-3)
 
@@ -321,13 +321,13 @@ def random_walk(
     a = affinity.clamp(0, 1) ** beta
     deg = 1.0 + a.sum(dim=0)  # the self-loop plus the forward half ...
     for k, (dy, dx) in enumerate(offsets):
-        deg = deg + _shift(a[k], -dy, -dx, 0.0)  # ... plus the backward half (neighbour j = i - o has a[k] at j)
+        deg = deg + shift_grid(a[k], -dy, -dx, 0.0)  # ... plus the backward half (neighbour j = i - o has a[k] at j)
     v = maps
     for _ in range(2**exp_times):
         out = v.clone()  # out_j = sum_i v_i a_ij / d_j (IRNet's column-normalised T: a weighted mean over j's window)
         for k, (dy, dx) in enumerate(offsets):
-            out = out + _shift(v, dy, dx, 0.0) * a[k]  # i = j + o: a_ij is a[k] at j
-            out = out + _shift(v * a[k], -dy, -dx, 0.0)  # i = j - o: a_ij is a[k] at i
+            out = out + shift_grid(v, dy, dx, 0.0) * a[k]  # i = j + o: a_ij is a[k] at j
+            out = out + shift_grid(v * a[k], -dy, -dx, 0.0)  # i = j - o: a_ij is a[k] at i
         v = out / deg
     return v
 

@@ -20,7 +20,7 @@ from chexseg_dist.config import MasksConfig
 from chexseg_dist.core.pathologies import N_TASKS, TASKS
 from chexseg_dist.errors import InputError
 from chexseg_dist.masks.maps import content_window, normalise_maps, upsample_maps
-from chexseg_dist.masks.tuning import TuningTable, _binned_histogram, _label_keep, threshold_grid
+from chexseg_dist.masks.tuning import TuningTable, binned_histogram, gated_keep, threshold_grid
 
 
 def tune_fg_fractions(
@@ -54,7 +54,7 @@ def tune_fg_fractions(
     store = MapStore.open(store_uri)
     batch = store.read(store.index_of(ids, wanted_by=f"--gt {gt_path}"))
     paths = image_paths(images, np.asarray(ids))
-    keep = _label_keep(manifest, ids) if label_gating and manifest else np.ones((len(ids), N_TASKS), dtype=bool)
+    keep = gated_keep(manifest, ids) if label_gating and manifest else np.ones((len(ids), N_TASKS), dtype=bool)
     grid = threshold_grid(steps)
     n = len(ids)
     gt_area = np.zeros((n, N_TASKS), dtype=np.int64)
@@ -83,7 +83,7 @@ def tune_fg_fractions(
                 pred[i, k] = above.astype(np.int64)
                 continue
             mask = decode_mask(rles[k], image_id=image_id, pathology=TASKS[k])
-            hist = _binned_histogram(original[p], np.float32(0.0), np.float32(1.0), mask, steps)
+            hist = binned_histogram(original[p], np.float32(0.0), np.float32(1.0), mask, steps)
             cum = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
             inter[i, k] = cum[1, 1:]
             pred[i, k] = cum[0, 1:] + cum[1, 1:]

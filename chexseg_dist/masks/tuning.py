@@ -92,7 +92,7 @@ def threshold_counts(
         lo, span = map_range(up[None])
         if not np.isfinite(span[0]):  # constant: masks.normalise_maps gives zeros, empty for every t >= 0
             continue
-        hist = _binned_histogram(up, lo[0], span[0], gt, steps)
+        hist = binned_histogram(up, lo[0], span[0], gt, steps)
         # hist[g, b]: pixels with gt == g whose bin is b (b = number of thresholds strictly below the value).
         above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # above[g, b] = pixels with bin >= b
         inter[i] = above[1, 1:]
@@ -100,7 +100,7 @@ def threshold_counts(
     return inter, pred
 
 
-def _binned_histogram(up: np.ndarray, lo: np.float32, span: np.float32, gt: np.ndarray, steps: int) -> np.ndarray:
+def binned_histogram(up: np.ndarray, lo: np.float32, span: np.float32, gt: np.ndarray, steps: int) -> np.ndarray:
     """``[2, steps + 2]`` counts of bin ``ceil(steps * v)`` (v the normalised map) outside / inside ``gt``."""
     h, w = up.shape
     nb = steps + 2  # bins 0..steps, plus one spare so the suffix sums above have a zero tail
@@ -358,7 +358,7 @@ def tune(
     if label_gating:
         if not manifest:
             raise InputError("label gating needs --manifest with the images' labels")
-        label_keep = _label_keep(manifest, sorted(gt))
+        label_keep = gated_keep(manifest, sorted(gt))
     table, fingerprint = build_table(store_uri, gt, steps, label_keep, workers, gt_source=gt_path)
     thresholds, cutoffs, details = choose(table, mode, cutoff_steps, fallback)
     curves = details.pop("_curves")
@@ -382,7 +382,7 @@ def tune(
     return TunedThresholds(thresholds=thresholds, cutoffs=cutoffs, meta=meta)
 
 
-def _label_keep(manifest: str, ids: Sequence[str]) -> np.ndarray:
+def gated_keep(manifest: str, ids: Sequence[str]) -> np.ndarray:
     """``[N, 10]`` bool: label gating of the tuning images (True where the image-level label is positive)."""
     from chexseg_dist.masks.gating import manifest_labels
 

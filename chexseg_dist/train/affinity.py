@@ -37,7 +37,7 @@ from chexseg_dist.data.labels import label_column
 from chexseg_dist.errors import InputError
 from chexseg_dist.masks.gating import task_values
 from chexseg_dist.masks.maps import normalise_maps, upsample_maps
-from chexseg_dist.masks.refine import IGNORE, _shift, crf_params, crf_seeds, path_affinity, to_grid
+from chexseg_dist.masks.refine import IGNORE, crf_params, crf_seeds, path_affinity, shift_grid, to_grid
 from chexseg_dist.models.affinity import STRIDE, BoundaryNet, save_affinity
 from chexseg_dist.train._loop import (
     FaultInjection,
@@ -103,7 +103,7 @@ def affinity_loss(boundary: Tensor, seeds: Tensor, radius: int) -> tuple[Tensor,
     sums = {"fg": boundary.new_zeros(()), "bg": boundary.new_zeros(()), "neg": boundary.new_zeros(())}
     counts = {"fg": 0.0, "bg": 0.0, "neg": 0.0}
     for k, (dy, dx) in enumerate(offsets):
-        t = _shift(s, dy, dx, float(IGNORE))
+        t = shift_grid(s, dy, dx, float(IGNORE))
         both = valid & (t != IGNORE)
         neg = (both & (s != t)).any(dim=1)
         pos = both.any(dim=1) & ~neg
