@@ -70,18 +70,17 @@ class CrfParams:
 
 # ---------------------------------------------------------------------------------------------------- grid helpers
 def to_grid(image: np.ndarray | torch.Tensor, stride: int) -> torch.Tensor:
-    """``[h, w]`` intensities -> ``[ceil(h/stride), ceil(w/stride)]`` float32 cell means (edge cells average what they
-    cover)."""
+    """``[..., h, w]`` values -> ``[..., ceil(h/stride), ceil(w/stride)]`` float32 cell means (edge cells average what
+    they cover); a stack of maps is pooled in one call."""
     t = torch.as_tensor(np.asarray(image, dtype=np.float32))
     if stride == 1:
         return t
-    h, w = t.shape
+    lead, (h, w) = t.shape[:-2], t.shape[-2:]
     gh, gw = -(-h // stride), -(-w // stride)
-    padded = F.pad(t[None, None], (0, gw * stride - w, 0, gh * stride - h))
-    ones = F.pad(torch.ones(1, 1, h, w), (0, gw * stride - w, 0, gh * stride - h))
-    s = F.avg_pool2d(padded, stride)
-    c = F.avg_pool2d(ones, stride)
-    return (s / c)[0, 0]
+    pad = (0, gw * stride - w, 0, gh * stride - h)
+    s = F.avg_pool2d(F.pad(t.reshape(-1, 1, h, w), pad), stride)
+    c = F.avg_pool2d(F.pad(torch.ones(1, 1, h, w), pad), stride)
+    return (s / c).reshape(*lead, gh, gw)
 
 
 def from_grid(grid: torch.Tensor, shape: tuple[int, int], stride: int) -> torch.Tensor:
@@ -221,15 +220,10 @@ def crf_refine(image: np.ndarray, masks: np.ndarray, params: CrfParams) -> np.nd
         return out
     with torch.no_grad():
         kernels = crf_kernels(image, params)
-        seeds = to_grid(masks[live].astype(np.float32).reshape(-1, *masks.shape[1:]), 1)
-        grid_labels = _pool_stack(seeds, params.stride) >= 0.5
+        grid_labels = to_grid(masks[live], params.stride) >= 0.5
         q = crf_foreground(grid_labels, kernels, params)
         out[live] = (from_grid(q, masks.shape[1:], params.stride) > 0.5).numpy()
     return out
-
-
-def _pool_stack(stack: torch.Tensor, stride: int) -> torch.Tensor:
-    return torch.stack([to_grid(m, stride) for m in stack]) if stride > 1 else stack
 
 
 def crf_seeds(
@@ -249,7 +243,7 @@ def crf_seeds(
     maps = np.asarray(norm_maps, dtype=np.float32)
     with torch.no_grad():
         kernels = crf_kernels(image, params)
-        grid = _pool_stack(torch.as_tensor(maps), params.stride)
+        grid = to_grid(maps, params.stride)
         fg = crf_foreground(grid > fg_plane, kernels, params) > 0.5
         bg = crf_foreground(grid > bg_plane, kernels, params) <= 0.5
     seeds = np.full(fg.shape, IGNORE, dtype=np.uint8)
@@ -352,17 +346,19 @@ def walk_maps(
     """
     maps = np.asarray(norm_maps, dtype=np.float32)
     with torch.no_grad():
-        grid = _pool_stack(torch.as_tensor(maps), stride)
+        grid = to_grid(maps, stride)
         b = torch.as_tensor(np.asarray(boundary, dtype=np.float32))
         if b.shape != grid.shape[-2:]:
             raise ValueError(f"boundary map is {tuple(b.shape)}, the maps' grid is {tuple(grid.shape[-2:])}")
-        top = grid.reshape(len(grid), -1).amax(dim=1).clamp_min(0)
-        grid = grid / torch.where(top > 0, top, 1.0)[:, None, None]
         offsets, aff = path_affinity(b, radius)
-        walked = random_walk(grid * (1.0 - b), aff, offsets, beta, exp_times)
-        up = from_grid(walked, shape, stride).clamp_min(0)
-        peak = up.reshape(len(up), -1).amax(dim=1)
-        return (up / torch.where(peak > 0, peak, 1.0)[:, None, None]).numpy()
+        walked = random_walk(_by_max(grid) * (1.0 - b), aff, offsets, beta, exp_times)
+        return _by_max(from_grid(walked, shape, stride).clamp_min(0)).numpy()
+
+
+def _by_max(maps: torch.Tensor) -> torch.Tensor:
+    """``[P, h, w]`` maps each divided by its maximum (an all-zero or negative map stays as it is)."""
+    top = maps.reshape(len(maps), -1).amax(dim=1).clamp_min(0)
+    return maps / torch.where(top > 0, top, 1.0)[:, None, None]
 
 
 def propagate_masks(
