@@ -29,31 +29,42 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """Start ``moto_server`` on 127.0.0.1 and point the standard AWS environment at it; yields the endpoint."""
+def _start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     exe = shutil.which("moto_server", path=str(VENV_BIN)) or shutil.which("moto_server")
     if exe is None:
         pytest.fail("moto_server not found: install the dev extra (pip install -e '.[dev]')")
     port = _free_port()
     proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(extra_env or {})},
     )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
         try:
             urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
+            return proc, endpoint
         except Exception:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
                 pytest.fail(f"moto_server did not start on {endpoint}")
             time.sleep(0.1)
+
+
+#: The test server's secret key: distinctive, so that a test can search outputs for it (a leak would show).
+TEST_SECRET = "chexsegTEST-s3cr3t-9f41c27de05b"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Start ``moto_server`` on 127.0.0.1 and point the standard AWS environment at it; yields the endpoint."""
+    proc, endpoint = _start_moto()
     saved = {k: os.environ.get(k) for k in _AWS_ENV}
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_SECRET_ACCESS_KEY=TEST_SECRET,
         AWS_DEFAULT_REGION="us-east-1",
         AWS_ENDPOINT_URL=endpoint,
     )
@@ -67,6 +78,19 @@ def s3_server() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_denying_server() -> Iterator[str]:
+    """A second moto server that checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``): it knows no access key,
+    so every request is denied, as AWS denies a key without rights. Yields its endpoint (the environment is left
+    pointing at :func:`s3_server`)."""
+    proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")

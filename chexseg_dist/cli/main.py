@@ -5,8 +5,10 @@ and may declare ``INPUTS`` (argument names it reads), ``OUTPUTS`` (:class:`~chex
 writes; checked before anything runs) and ``log_path(args)`` (commands that start Ray: where Ray's and the
 libraries' output goes while the console shows only the command's own lines; ``-v`` shows everything).
 
-Errors: a :class:`~chexseg_dist.errors.ChexsegError` (bad input, bad state) is printed as one line
-``chexseg CMD: error: ...`` with exit status 2; any other exception is a bug and keeps its traceback.
+Errors: a :class:`~chexseg_dist.errors.ChexsegError` (bad input, bad state) and an object-store failure the user
+can fix (access denied, no such bucket or object, an unreachable endpoint, no credentials:
+:mod:`~chexseg_dist.core.storage_errors`) are printed as one line ``chexseg CMD: error: ...`` with exit status 2;
+any other exception is a bug and keeps its traceback.
 
 Subcommands are imported lazily, so ``chexseg --help`` is fast and a command that needs neither torch nor Ray does
 not import them.
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from chexseg_dist.cli._args import check_paths
+from chexseg_dist.core import storage_errors
 from chexseg_dist.core.console import quiet_session, say_error
 from chexseg_dist.errors import ChexsegError
 
@@ -105,6 +108,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input or state: one clear line naming what is wrong, no traceback. Anything else keeps its traceback.
         say_error(f"chexseg {args.command}: error: {exc}")
         return 2
+    except Exception as exc:
+        line = storage_errors.describe(exc, _uri_arguments(args))
+        if line is None:
+            raise
+        say_error(f"chexseg {args.command}: error: {line}")
+        return 2
+
+
+def _uri_arguments(args: argparse.Namespace) -> list[str]:
+    """The object-store URIs among a command's arguments (and its ``--set`` values), in order."""
+    found: list[str] = []
+    for value in vars(args).values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and "://" in item:
+                for part in item.split(","):
+                    uri = part.split("=", 1)[1] if "=" in part.split("://")[0] else part
+                    if "://" in uri and uri.strip() not in found:
+                        found.append(uri.strip())
+    return found
 
 
 def _log_path(mod: ModuleType, args: argparse.Namespace) -> str | None:

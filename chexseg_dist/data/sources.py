@@ -209,8 +209,12 @@ def manifest_from_csv(csv_path: str, root: str | None = None, split: str | None 
         data = fsio.read_bytes(csv_path)
     except FileNotFoundError:
         raise InputNotFoundError(f"CSV file not found: {csv_path}") from None
-    except (IsADirectoryError, PermissionError) as exc:
-        raise ManifestError(f"{csv_path}: cannot be read as a CSV file ({type(exc).__name__})") from None
+    except IsADirectoryError:
+        raise ManifestError(f"{csv_path}: is a directory, not a CSV file") from None
+    except PermissionError:
+        if fsio.is_uri(csv_path):
+            raise  # the CLI names the object and the credentials to check (core.storage_errors)
+        raise ManifestError(f"{csv_path}: permission denied") from None
     header = _read_header(data)
     missing = [c for c in CSV_HEADER if c not in header]
     if missing:
