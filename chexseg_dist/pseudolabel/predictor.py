@@ -20,9 +20,16 @@ class ClassifierPredictor:
         grid_shape: ``(gh, gw)`` the store expects; a different model grid is an error.
         use_gpu: run on ``cuda`` (the actor was given a GPU) instead of the CPU.
         threads: torch intra-op threads (the CPUs the actor reserved).
+        batch_size: run the model on exactly this many frames at a time, padding a partial batch with blank frames
+            (0: as they come). Kernels can pick another algorithm for another batch shape (on CPU a batch of one
+            differs from a batch of eight in the last bits), and how Ray Data cuts batches depends on arrival
+            order, which differs between runs, object stores and local disks: a fixed shape makes every image's
+            maps the same bits however its batch was cut.
     """
 
-    def __init__(self, checkpoints: Sequence[str], grid_shape: tuple[int, int], use_gpu: bool, threads: int) -> None:
+    def __init__(
+        self, checkpoints: Sequence[str], grid_shape: tuple[int, int], use_gpu: bool, threads: int, batch_size: int = 0
+    ) -> None:
         import torch
 
         from chexseg_dist.saliency.classifier import load_classifier
@@ -33,12 +40,46 @@ class ClassifierPredictor:
         self.device = "cuda" if use_gpu else "cpu"
         self.loaded = load_classifier(list(checkpoints), self.device)
         self.grid_shape = tuple(grid_shape)
+        self.batch_size = int(batch_size)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``decode_frames`` output -> store-encoded rows (``frame`` dropped; failures pass through, marked)."""
+    def _predict(self, frames: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 frames ``[n, S, S]`` -> probabilities ``[n, K]`` and task maps, each image at a fixed place.
+
+        With ``batch_size`` B, the model always sees B frames and image ``slot`` sits at position ``slot % B``
+        (blank frames elsewhere; a second pass when two rows want one position, which consecutive slots never do):
+        a CPU GEMM can round a row differently by its position in the batch, so this makes an image's outputs the
+        same bits whichever rows Ray Data put in its batch.
+        """
         import torch
 
         from chexseg_dist.saliency.classifier import predict_with_cams
+
+        n = len(frames)
+        step = self.batch_size or n
+        position = slots % step if self.batch_size else np.arange(n)
+        seen: dict[int, int] = {}
+        passes = np.empty(n, dtype=np.int64)
+        for i, q in enumerate(position.tolist()):
+            passes[i] = seen.get(q, 0)
+            seen[q] = passes[i] + 1
+        probs: np.ndarray | None = None
+        cams: np.ndarray | None = None
+        for k in range(int(passes.max()) + 1 if n else 0):
+            rows = np.flatnonzero(passes == k)
+            x = np.zeros((step, *frames.shape[1:]), frames.dtype)
+            x[position[rows]] = frames[rows]
+            p, c = predict_with_cams(self.loaded, torch.from_numpy(x).unsqueeze(1).to(self.device).float().div_(255.0))
+            p_np = p.detach().float().cpu().numpy()[position[rows]]
+            c_np = select_tasks(c.detach().float().cpu().numpy()[position[rows]])
+            if probs is None or cams is None:
+                probs = np.empty((n, *p_np.shape[1:]), np.float32)
+                cams = np.empty((n, *c_np.shape[1:]), np.float32)
+            probs[rows], cams[rows] = p_np, c_np
+        assert probs is not None and cams is not None
+        return probs, cams
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``decode_frames`` output -> store-encoded rows (``frame`` dropped; failures pass through, marked)."""
 
         n = len(batch["slot"])
         gh, gw = self.grid_shape
@@ -50,10 +91,8 @@ class ClassifierPredictor:
         cams = np.zeros((n, N_TASKS, gh, gw), dtype=np.float16)
         cam_max = np.full((n, N_TASKS), np.nan, dtype=np.float32)
         if ok.any():
-            frames = torch.from_numpy(np.ascontiguousarray(batch["frame"][ok])).unsqueeze(1).to(self.device)
-            p, c = predict_with_cams(self.loaded, frames.float().div_(255.0))
-            p_np = p.detach().float().cpu().numpy()
-            c_np = select_tasks(c.detach().float().cpu().numpy())
+            slots = np.asarray(batch["slot"], dtype=np.int64)
+            p_np, c_np = self._predict(np.ascontiguousarray(batch["frame"][ok]), slots[ok])
             if c_np.shape[-2:] != (gh, gw):
                 raise StoreError(f"the classifier's maps are {c_np.shape[-2:]} but the store expects {(gh, gw)}")
             finite = np.isfinite(p_np).all(axis=1) & np.isfinite(c_np).all(axis=(1, 2, 3))
