@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -55,16 +56,21 @@ def _checkpoint(path: Path, seed: int, poison: bool = False) -> str:
     return save_checkpoint(str(path), model, arch="tiny_cnn", image_size=SIZE, config={})
 
 
-def test_non_finite_model_output_is_recorded_per_image_and_written_as_failed(tmp_path: Path) -> None:
-    manifest = _images(tmp_path / "data", 3)
-    ckpt = _checkpoint(tmp_path / "nan_ckpt", 0, poison=True)
-    images, _ = select_images(read_manifest(manifest), True)
-    batch = {
-        "slot": np.arange(3, dtype=np.int64),
+def _rows(images: pa.Table) -> dict[str, np.ndarray]:
+    """The decode stage's input for every image of a selection, slots 0..n-1."""
+    return {
+        "slot": np.arange(images.num_rows, dtype=np.int64),
         "row": np.asarray(images.column("row")),
         "image_id": np.asarray(images.column("image_id").to_pylist()),
         "path": np.asarray(images.column("path").to_pylist()),
     }
+
+
+def test_non_finite_model_output_is_recorded_per_image_and_written_as_failed(tmp_path: Path) -> None:
+    manifest = _images(tmp_path / "data", 3)
+    ckpt = _checkpoint(tmp_path / "nan_ckpt", 0, poison=True)
+    images, _ = select_images(read_manifest(manifest), True)
+    batch = _rows(images)
     frames = decode_frames(batch, SIZE)
     out = ClassifierPredictor([ckpt], (SIZE // 4, SIZE // 4), use_gpu=False, threads=1)(frames)
     assert out["failed"].tolist() == [1, 1, 1]
@@ -107,12 +113,7 @@ def test_an_images_maps_are_the_same_bits_however_its_batch_was_cut(tmp_path: Pa
     manifest = _images(tmp_path / "data", 8)
     ckpt = _checkpoint(tmp_path / "ckpt", 1)
     images, _ = select_images(read_manifest(manifest), True)
-    batch = {
-        "slot": np.arange(8, dtype=np.int64),
-        "row": np.asarray(images.column("row")),
-        "image_id": np.asarray(images.column("image_id").to_pylist()),
-        "path": np.asarray(images.column("path").to_pylist()),
-    }
+    batch = _rows(images)
     frames = decode_frames(batch, SIZE)
     predictor = ClassifierPredictor([ckpt], (SIZE // 4, SIZE // 4), use_gpu=False, threads=2, batch_size=model_batch)
     whole = predictor(frames)
