@@ -175,6 +175,7 @@ def build_dataset(
             "grid_shape": tuple(grid_shape),
             "use_gpu": pl.gpus_per_actor > 0,
             "threads": pl.torch_threads or max(1, int(pl.cpus_per_actor)),
+            "batch_size": pl.batch_size,  # fixed-shape model batches: maps independent of how rows were batched
         },
         compute=ray.data.ActorPoolStrategy(size=pl.num_actors),
         batch_size=pl.batch_size,
