@@ -7,6 +7,7 @@ them; it is started after the S3 server so that its workers inherit the S3 endpo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -80,14 +82,30 @@ def s3_server() -> Iterator[str]:
                 os.environ[k] = v
 
 
+@dataclass(frozen=True)
+class AuthServer:
+    """A moto server that checks signatures, and the one access key it knows (allowed everything)."""
+
+    endpoint: str
+    key_id: str
+    secret: str
+
+
 @pytest.fixture(scope="session")
-def s3_denying_server() -> Iterator[str]:
-    """A second moto server that checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``): it knows no access key,
-    so every request is denied, as AWS denies a key without rights. Yields its endpoint (the environment is left
-    pointing at :func:`s3_server`)."""
-    proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+def s3_auth_server(s3_server: str) -> Iterator[AuthServer]:
+    """A second moto server that checks credentials as AWS does (``INITIAL_NO_AUTH_ACTION_COUNT``: after the three
+    unauthenticated IAM calls that create its one user and key, a request with an unknown key or a wrong signature
+    is denied). The environment is left pointing at :func:`s3_server`."""
+    import boto3
+
+    proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
     try:
-        yield endpoint
+        iam = boto3.client("iam", endpoint_url=endpoint)
+        iam.create_user(UserName="chexseg")
+        key = iam.create_access_key(UserName="chexseg")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="chexseg", PolicyName="all", PolicyDocument=json.dumps(policy))
+        yield AuthServer(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
     finally:
         proc.terminate()
         proc.wait(timeout=10)

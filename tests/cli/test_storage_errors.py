@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_SECRET
+from conftest import TEST_SECRET, AuthServer
 from cxp_helpers import write_split
 
 from chexseg_dist.core import fsio
@@ -41,11 +41,11 @@ def _one_line_error(out: subprocess.CompletedProcess[str], command: str, *expect
 
 
 def test_access_denied_reading_and_writing_names_the_uri(
-    s3_bucket: str, s3_denying_server: str, tmp_path: Path
+    s3_bucket: str, s3_auth_server: AuthServer, tmp_path: Path
 ) -> None:
     csv_path = write_split(tmp_path / "data", "valid", 4, 2)
     fsio.write_bytes_atomic(f"{s3_bucket}/valid.csv", csv_path.read_bytes())  # readable on the working server
-    denied = {"AWS_ENDPOINT_URL": s3_denying_server}
+    denied = {"AWS_ENDPOINT_URL": s3_auth_server.endpoint}  # a server that knows no key "testing"
     read = _chexseg(["manifest", "--csv", f"{s3_bucket}/valid.csv", "--out", str(tmp_path / "m.parquet")], **denied)
     _one_line_error(read, "manifest", f"access denied to {s3_bucket}/valid.csv", "AWS_PROFILE")
     assert not (tmp_path / "m.parquet").exists()
