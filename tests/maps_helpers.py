@@ -92,3 +92,15 @@ def blob_mask(rng: np.random.Generator, h: int, w: int, n_blobs: int = 2) -> np.
         ry, rx = rng.uniform(0.05, 0.25) * h, rng.uniform(0.05, 0.25) * w
         mask |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
     return mask
+
+
+def assert_stores_identical(a: str, b: str) -> None:
+    """Two map stores hold the same images with the same bits, image by image (rows aligned by ``image_id``):
+    probabilities, maps, original sizes, letterboxes, done and failed flags."""
+    sa, sb = MapStore.open(a), MapStore.open(b)
+    assert sorted(sa.image_ids.tolist()) == sorted(sb.image_ids.tolist())
+    ba = sa.read(slice(None))
+    bb = sb.read(sb.index_of(ba.image_id))
+    for name in ("image_id", "row", "done", "failed", "probs", "cams", "orig_size"):
+        np.testing.assert_array_equal(getattr(ba, name), getattr(bb, name), err_msg=name)
+    assert ba.letterboxes == bb.letterboxes

@@ -175,6 +175,10 @@ class TrainClassifierConfig(Section):
     """Augmentation: contrast as a gamma exp(u), u uniform in +-this (black and white stay fixed)."""
     hflip: bool = False
     """Random horizontal flips; off by default because chest anatomy is lateralised (heart on the left)."""
+    preserve_order: bool = False
+    """Deliver the rows in the order of the seeded per-epoch shuffle (Ray Data's ``preserve_order``) instead of as
+    decode tasks finish: with one worker, a run is then reproducible bit for bit wherever the data live (local disk
+    or S3). Costs some throughput (a slow decode task holds back the ones behind it)."""
 
     def validate(self) -> None:
         UNCERTAIN_POLICIES.check(self.uncertain_policy, "train_classifier.uncertain_policy")

@@ -551,7 +551,9 @@ def _train(
             num_workers=loop.num_workers, use_gpu=loop.use_gpu, resources_per_worker=resources
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(task.split_datasets)),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=list(task.split_datasets), execution_options=_execution_options(loop)
+        ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage,
@@ -562,6 +564,18 @@ def _train(
         ),
     )
     return trainer.fit()
+
+
+def _execution_options(loop: LoopSettings) -> Any:
+    """Ray Data's execution options for the run's datasets: the defaults, with ``preserve_order`` when the section
+    asks for it (``train_classifier.preserve_order``: rows in the seeded shuffle's order, a reproducible run)."""
+    from ray.train import DataConfig
+
+    if not getattr(loop, "preserve_order", False):
+        return None
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 # ------------------------------------------------------------------------------------------------ export helpers

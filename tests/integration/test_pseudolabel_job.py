@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from job_helpers import job_env, kill_session_processes
+from maps_helpers import assert_stores_identical
 from PIL import Image
 
 from chexseg_dist.cli import main as cli_main
@@ -91,21 +92,6 @@ def expected_outputs(manifest: str, checkpoint: str) -> dict[str, tuple[np.ndarr
         probs, cams = predict_with_cams(loaded, torch.from_numpy(frame)[None, None].float() / 255.0)
         out[image_id] = (probs[0].numpy(), cams[0, list(TASK_OBSERVATION_INDEX)].numpy())
     return out
-
-
-def assert_stores_equal(a: str, b: str) -> None:
-    """Image by image (slots may be assigned identically; compare by id anyway), tolerance for float16 maps."""
-    sa, sb = MapStore.open(a), MapStore.open(b)
-    assert sorted(sa.image_ids.tolist()) == sorted(sb.image_ids.tolist())
-    ba = sa.read(slice(None))
-    bb = sb.read(sb.index_of(ba.image_id))
-    np.testing.assert_array_equal(ba.done, bb.done)
-    np.testing.assert_array_equal(ba.failed, bb.failed)
-    ok = ba.done
-    np.testing.assert_allclose(ba.probs[ok], bb.probs[ok], atol=1e-5)
-    scale = np.abs(ba.cams[ok]).max(axis=(2, 3), keepdims=True)
-    assert np.all(np.abs(ba.cams[ok] - bb.cams[ok]) <= 2e-3 * scale + 1e-6)
-    np.testing.assert_array_equal(ba.orig_size, bb.orig_size)
 
 
 def test_a_pool_that_leaves_no_cpu_for_decoding_or_lacks_gpus_is_named_before_it_can_hang() -> None:
@@ -497,7 +483,7 @@ def test_killed_job_resumes_to_the_same_store(ray_cluster: None, tmp_path: Path)
     reference = str(tmp_path / "reference.zarr")
     cfg = load_config("tiny", None, sets)
     run_pseudolabel(cfg, manifest, ckpt, reference)
-    assert_stores_equal(store, reference)
+    assert_stores_identical(store, reference)
 
 
 @pytest.mark.slow
