@@ -40,8 +40,8 @@ def log_path(args: argparse.Namespace) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="a chexseg synth directory")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--data", required=True, help="a chexseg synth directory (local or s3://)")
+    parser.add_argument("--out", required=True, help="output directory (local or s3://)")
     parser.add_argument(
         "--expert-sizes",
         default=None,
@@ -109,11 +109,11 @@ def run(args: argparse.Namespace) -> int:
             "chexseg experiment compares the modes at equal optimizer steps: set train_segmentation.steps_per_epoch "
             "(0, one pass over each mode's own rows, gives every mode a different number of steps)"
         )
-    data, out = os.path.abspath(args.data), os.path.abspath(args.out)
+    data, out = (p.rstrip("/") if fsio.is_uri(p) else os.path.abspath(p) for p in (args.data, args.out))
     sizes = _sizes(args.expert_sizes)
     refiners = _refiners(args.refiners)
     for name in ("train.csv", "valid.csv", "test.csv", "gt_segmentations_test.json", *SETTINGS.values()):
-        if not os.path.exists(os.path.join(data, name)):
+        if not fsio.exists(fsio.join(data, name)):
             raise InputNotFoundError(
                 f"--data {data}: no {name}; pass a directory written by chexseg synth (with synth.annotator=true)"
             )
@@ -189,8 +189,7 @@ def run(args: argparse.Namespace) -> int:
             reuse=f"{ev}/summary.json",
         )
         row = comparison(read_summary(ev), scored)
-        with open(f"{model}/metrics.json") as f:
-            best = json.load(f)["best"]
+        best = json.loads(fsio.read_bytes(f"{model}/metrics.json"))["best"]
         # Development choices are made on these (expert-select, a part of valid), never on test.
         row["select"] = {k: best[k] for k in ("select_miou_full", "select_miou_tp", "select_images", "epoch")}
         return row
@@ -309,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         reuse=f"{ref}/gradcam_tuned.json",
     )
     references = {"Grad-CAM tuned (classifier saliency)": f"{ref}/gradcam_tuned.json"}
-    if os.path.exists(f"{data}/expert_segmentations_test.json"):
+    if fsio.exists(f"{data}/expert_segmentations_test.json"):
         references["annotator on test (human-like agreement)"] = f"{data}/expert_segmentations_test.json"
     results["reference"] = {}
     for k, (name, pred) in enumerate(references.items()):
@@ -441,6 +440,9 @@ def refiner_rows(
 
 def _expert_train_count(split_csv: str) -> int:
     import csv
+    import io
 
-    with open(split_csv, newline="") as f:
-        return sum(1 for row in csv.DictReader(f) if row["part"] == "expert_train")
+    from chexseg_dist.core import fsio
+
+    text = fsio.read_bytes(split_csv).decode("utf-8")
+    return sum(1 for row in csv.DictReader(io.StringIO(text, newline="")) if row["part"] == "expert_train")
