@@ -19,6 +19,15 @@ Usage::
 
     python benchmarks/bench_pipeline.py --sizes 300,3000 --json bench.json
 
+``--max-queued-frames 0,1024`` runs the Ray pipeline once per value of ``pseudolabel.max_queued_frames`` (0 = Ray
+Data's default budget; modes ``ray`` and ``ray_q1024``) and reports each one's peak memory at N and 10N; with
+``--loop-threads ""`` the single-process loop is skipped. On a GPU node, one command (docs/benchmarks.md)::
+
+    python benchmarks/bench_pipeline.py --work /tmp/bq --arch densenet121 --size 320 --preset paper \
+        --phantom-size 390 --sizes 2000,20000 --repeat 10 --gen-workers $(nproc) --cpus $(nproc) --gpus 1 \
+        --device cuda --loop-threads "" --set pseudolabel.gpus_per_actor=1 --no-paper \
+        --max-queued-frames 0,2048 --json queued_frames_gpu.json
+
 Prints a table (and writes JSON with --json). Nothing here is used by the package.
 """
 
@@ -264,7 +273,14 @@ def main() -> None:
     parser.add_argument("--work", default="outputs/bench_pipeline", help="cache for images, manifests, stores")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs given to Ray")
     parser.add_argument(
-        "--loop-threads", default="1,2", help="torch threads of the single-process loop to try; the best is compared"
+        "--loop-threads",
+        default="1,2",
+        help='torch threads of the single-process loop to try; the best is compared ("" = no loop run)',
+    )
+    parser.add_argument(
+        "--max-queued-frames",
+        default="0",
+        help="pseudolabel.max_queued_frames of the Ray runs, comma-separated to compare (0 = Ray Data's budget)",
     )
     parser.add_argument(
         "--set", action="append", default=[], help="pipeline config override for both (e.g. pseudolabel.batch_size=16)"
@@ -292,21 +308,25 @@ def main() -> None:
     common = ["--preset", args.preset, "--set", "pseudolabel.progress_interval_s=1000"]
     for item in args.set:
         common += ["--set", item]
-    variants = [("loop", int(t)) for t in args.loop_threads.split(",")] + [("ray", args.cpus)]
+    loops = [("loop", int(t), 0) for t in args.loop_threads.split(",") if t.strip()]
+    variants = loops + [("ray", args.cpus, int(q)) for q in args.max_queued_frames.split(",")]
     results: list[dict[str, Any]] = []
     for n in sizes:
-        for mode, cpus in variants:
-            name = f"{mode}{cpus}" if mode == "loop" else mode
+        for mode, cpus, queued in variants:
+            name = f"{mode}{cpus}" if mode == "loop" else ("ray" if queued == 0 else f"ray_q{queued}")
             store = str(work / f"store_{name}_{n}.zarr")
             argv = ["_worker", mode, "--manifest", prep["manifests"][n], "--checkpoint", prep["checkpoints"]["tiny"]]
             argv += ["--store", store, "--cpus", str(cpus), *common]
-            argv += ["--gpus", str(args.gpus)] if mode == "ray" else ["--device", args.device]
+            if mode == "ray":
+                argv += ["--gpus", str(args.gpus), "--set", f"pseudolabel.max_queued_frames={queued}"]
+            else:
+                argv += ["--device", args.device]
             load = os.getloadavg()[0]
             res = measure(argv)
-            res.update(mode=name, n=n, bytes=store_bytes(store), load_before=load)
+            res.update(mode=name, n=n, bytes=store_bytes(store), load_before=load, max_queued_frames=queued)
             results.append(res)
             print(
-                f"{name:>5} N={n:>5}: {res['images'] / res['stage_s']:7.1f} images/s (stage {res['stage_s']:.1f} s, "
+                f"{name:>9} N={n:>5}: {res['images'] / res['stage_s']:7.1f} images/s (stage {res['stage_s']:.1f} s, "
                 f"wall {res['wall_s']:.1f} s), peak PSS {res['peak_pss_mb']:.0f} MB, load {load:.1f}",
                 flush=True,
             )
@@ -343,15 +363,21 @@ def report(results: list[dict[str, Any]], paper: dict[str, Any] | None, sizes: l
             f"{r['ray_init_s']:.1f} | {r['peak_pss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['load_before']:.1f} |"
         )
     print()
+    ray_modes = sorted({r["mode"] for r in results if r["mode"].startswith("ray")})
+    loop_modes = sorted({r["mode"] for r in results if r["mode"].startswith("loop")})
     for n in sizes:
-        ray_r = next(r for r in results if r["n"] == n and r["mode"] == "ray")
-        best = max((r for r in results if r["n"] == n and r["mode"].startswith("loop")), key=_rate)
-        ratio = _rate(ray_r) / _rate(best)
-        ratio_wall = (ray_r["images"] / (ray_r["wall_s"] + ray_r["ray_init_s"])) / (best["images"] / best["wall_s"])
-        print(
-            f"N={n}: Ray / best loop ({best['mode']}) throughput = {ratio:.2f}x (stage), "
-            f"{ratio_wall:.2f}x (end to end incl. ray.init and store creation)"
-        )
+        loops = [r for r in results if r["n"] == n and r["mode"] in loop_modes]
+        if not loops:
+            break
+        best = max(loops, key=_rate)
+        for mode in ray_modes:
+            ray_r = next(r for r in results if r["n"] == n and r["mode"] == mode)
+            ratio = _rate(ray_r) / _rate(best)
+            ratio_wall = (ray_r["images"] / (ray_r["wall_s"] + ray_r["ray_init_s"])) / (best["images"] / best["wall_s"])
+            print(
+                f"N={n}: {mode} / best loop ({best['mode']}) throughput = {ratio:.2f}x (stage), "
+                f"{ratio_wall:.2f}x (end to end incl. ray.init and store creation)"
+            )
     if len(sizes) >= 2:
         lo, hi = min(sizes), max(sizes)
         pairs = {
@@ -369,11 +395,13 @@ def report(results: list[dict[str, Any]], paper: dict[str, Any] | None, sizes: l
             marginal[mode] = (b["images"] - a["images"]) / dt if dt > 0 else float("nan")
             fixed = a["stage_s"] - a["images"] / marginal[mode] if dt > 0 else float("nan")
             print(f"{mode}: steady state {marginal[mode]:.1f} images/s; fixed cost {fixed:.1f} s")
-        best_loop = max((m for m in marginal if m.startswith("loop")), key=lambda m: marginal[m])
-        print(
-            f"steady state: Ray / best loop ({best_loop}) = {marginal['ray'] / marginal[best_loop]:.2f}x "
-            f"(from N={lo} and N={hi})"
-        )
+        if loop_modes:
+            best_loop = max(loop_modes, key=lambda m: marginal[m])
+            for mode in ray_modes:
+                print(
+                    f"steady state: {mode} / best loop ({best_loop}) = {marginal[mode] / marginal[best_loop]:.2f}x "
+                    f"(from N={lo} and N={hi})"
+                )
         for mode, (a, b) in pairs.items():
             print(
                 f"{mode}: peak PSS {a['peak_pss_mb']:.0f} MB at N={lo} -> {b['peak_pss_mb']:.0f} MB at N={hi} "

@@ -43,8 +43,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "synth": {"n_train": 5000, "size": 1024},
         "classifier": {"arch": "densenet121", "image_size": 320},
-        "train_classifier": {"epochs": 3, "batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "lr_schedule": "constant"},
-        "pseudolabel": {"batch_size": 64, "images_per_chunk": 1024},
+        # Meant for GPU clusters: GPUs wherever the cluster has them (auto), CPUs otherwise, said at the job's start.
+        "train_classifier": {
+            "epochs": 3,
+            "batch_size": 16,
+            "lr": 1e-4,
+            "weight_decay": 0.0,
+            "lr_schedule": "constant",
+            "use_gpu": "auto",
+        },
+        "pseudolabel": {"batch_size": 64, "images_per_chunk": 1024, "gpus_per_actor": "auto"},
+        "segment": {"gpus_per_actor": "auto"},
+        "train_affinity": {"use_gpu": "auto"},
         # The CRF at 320 px on one core (benchmarks/bench_refine.py): a 4-px grid costs 76-270 ms per image, an 8-px
         # grid (40 x 40 cells, 4x finer than DenseNet121's 10 x 10 maps) 20-43 ms.
         "masks": {"crf_stride": 8},
@@ -58,6 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "loss": "dice",
             "expert_ratio": 0.9,
             "mixing": "bernoulli",
+            "use_gpu": "auto",
         },
     },
 }

@@ -116,6 +116,14 @@ def parse_value(tp: Any, raw: str, where: str) -> Any:
 
     (The original CheXseg code treated the string "False" as true; here it is an error or False, never True.)
     """
+    if isinstance(tp, types.UnionType) and str in tp.__args__:  # a number or flag that also takes "auto"
+        if raw.strip().lower() == "auto":
+            return "auto"
+        (other,) = (a for a in tp.__args__ if a is not str)
+        try:
+            return parse_value(other, raw, where)
+        except ConfigError:
+            raise ConfigError(f"config {where}={raw!r}: expected {other.__name__} or auto") from None
     if tp is bool:
         low = raw.strip().lower()
         if low in ("true", "yes", "1", "on"):

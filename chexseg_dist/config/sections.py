@@ -18,6 +18,7 @@ from chexseg_dist.core.registry import (
     CLASSIFIER_ARCHS,
     EVAL_MODES,
     MIXING_POLICIES,
+    PRECISIONS,
     REFINERS,
     SCHEDULES,
     SEGMENTATION_ARCHS,
@@ -38,6 +39,19 @@ def _check_positive(section: str, name: str, value: float, allow_zero: bool = Fa
 def _check_range(section: str, name: str, value: float, lo: float, hi: float, hi_open: bool = False) -> None:
     if not (lo <= value < hi if hi_open else lo <= value <= hi):
         raise ConfigError(f"config {section}.{name}={value!r} must be in [{lo}, {hi}{')' if hi_open else ']'}")
+
+
+def check_gpu_choice(section: str, name: str, value: object) -> None:
+    """``use_gpu`` (a boolean) or ``gpus_per_actor`` (a number >= 0), or ``"auto"``."""
+    if value == "auto":
+        return
+    if name == "use_gpu":
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    if not ok:
+        what = "true, false or auto" if name == "use_gpu" else "a number >= 0 or auto"
+        raise ConfigError(f"config {section}.{name}={value!r}: expected {what}")
 
 
 class Section:
@@ -136,7 +150,8 @@ class TrainClassifierConfig(Section):
     weight_decay: float = 1e-5
     num_workers: int = 1
     """Ray Train workers (processes); one GPU each when use_gpu."""
-    use_gpu: bool = False
+    use_gpu: bool | str = False
+    """true, false, or auto: GPUs when the Ray cluster has one per worker when the run starts (said on the console)."""
     cpus_per_worker: float = 1.0
     torch_threads: int = 0
     """Intra-op torch threads per CPU worker; 0 = max(1, int(cpus_per_worker)). More threads than CPUs requested lets
@@ -181,6 +196,7 @@ class TrainClassifierConfig(Section):
     or S3). Costs some throughput (a slow decode task holds back the ones behind it)."""
 
     def validate(self) -> None:
+        check_gpu_choice("train_classifier", "use_gpu", self.use_gpu)
         UNCERTAIN_POLICIES.check(self.uncertain_policy, "train_classifier.uncertain_policy")
         SCHEDULES.check(self.lr_schedule, "train_classifier.lr_schedule")
         for name in ("num_to_keep", "decode_cpus"):
@@ -206,8 +222,9 @@ class PseudolabelConfig(Section):
     """Images per model batch inside an actor."""
     num_actors: int = 1
     """Fixed size of the classifier actor pool."""
-    gpus_per_actor: float = 0.0
-    """GPUs per classifier actor; 0 runs on CPU."""
+    gpus_per_actor: float | str = 0.0
+    """GPUs per classifier actor; 0 runs on CPU; auto: one per actor when the Ray cluster has that many GPUs when the
+    job starts, a share of them when it has fewer, CPUs when it has none (said on the console)."""
     cpus_per_actor: float = 1.0
     torch_threads: int = 0
     """Intra-op torch threads per CPU classifier actor; 0 = max(1, int(cpus_per_actor)). More threads than CPUs
@@ -217,6 +234,14 @@ class PseudolabelConfig(Section):
     images_per_decode_task: int = 256
     """Images per read/decode task: enough to amortise Ray's per-task overhead (tens of ms on a busy node), few
     enough to stream (256 frames of 320 px are a 26 MB block)."""
+    precision: str = "fp32"
+    """fp32, or bf16: the classifier's forward and Grad-CAM's backward under bf16 autocast (on GPUs with channels-last
+    weights; also runs on CPUs). Recorded in the store: a store is resumed only at its own precision."""
+    max_queued_frames: int = 0
+    """Most decoded frames waiting for the classifier actors at once (decode tasks under way, frames queued, batches
+    in the actors; each ``S x S`` bytes); 0 = Ray Data's default budget, a share of the object store (several GB on a
+    GPU node). Raised to at least ``batch_size + images_per_decode_task`` so the job always progresses; below two
+    decode tasks' worth decoding and the model take turns instead of overlapping."""
     images_per_chunk: int = 256
     """Images per Zarr chunk along the image axis, and rows per staged fragment; only the committer writes chunks."""
     frontal_only: bool = True
@@ -249,8 +274,10 @@ class PseudolabelConfig(Section):
             "images_per_decode_task",
         ):
             _check_positive("pseudolabel", name, getattr(self, name))
-        _check_positive("pseudolabel", "gpus_per_actor", self.gpus_per_actor, allow_zero=True)
+        check_gpu_choice("pseudolabel", "gpus_per_actor", self.gpus_per_actor)
         _check_positive("pseudolabel", "torch_threads", self.torch_threads, allow_zero=True)
+        _check_positive("pseudolabel", "max_queued_frames", self.max_queued_frames, allow_zero=True)
+        PRECISIONS.check(self.precision, "pseudolabel.precision")
 
 
 @dataclass
@@ -431,7 +458,8 @@ class TrainSegmentationConfig(Section):
     seed: int = 0
     num_workers: int = 1
     """Ray Train workers (processes); one GPU each when use_gpu."""
-    use_gpu: bool = False
+    use_gpu: bool | str = False
+    """true, false, or auto: GPUs when the Ray cluster has one per worker when the run starts (said on the console)."""
     amp: bool = True
     """bf16 autocast on GPU workers (ignored on CPU)."""
     cpus_per_worker: float = 1.0
@@ -460,6 +488,7 @@ class TrainSegmentationConfig(Section):
     hflip: bool = False
 
     def validate(self) -> None:
+        check_gpu_choice("train_segmentation", "use_gpu", self.use_gpu)
         sec = "train_segmentation"
         TRAINING_MODES.check(self.mode, f"{sec}.mode")
         MIXING_POLICIES.check(self.mixing, f"{sec}.mixing")
@@ -500,8 +529,8 @@ class SegmentConfig(Section):
     """Images per model batch inside an actor."""
     num_actors: int = 1
     """Fixed size of the model actor pool."""
-    gpus_per_actor: float = 0.0
-    """GPUs per model actor; 0 runs on CPU."""
+    gpus_per_actor: float | str = 0.0
+    """GPUs per model actor; 0 runs on CPU; auto: as pseudolabel.gpus_per_actor."""
     cpus_per_actor: float = 1.0
     torch_threads: int = 0
     """Intra-op torch threads per CPU actor; 0 = max(1, int(cpus_per_actor))."""
@@ -529,7 +558,7 @@ class SegmentConfig(Section):
             "progress_interval_s",
         ):
             _check_positive("segment", name, getattr(self, name))
-        _check_positive("segment", "gpus_per_actor", self.gpus_per_actor, allow_zero=True)
+        check_gpu_choice("segment", "gpus_per_actor", self.gpus_per_actor)
         _check_positive("segment", "torch_threads", self.torch_threads, allow_zero=True)
 
 
@@ -552,7 +581,8 @@ class TrainAffinityConfig(Section):
     valid_fraction: float = 0.05
     """Share of the store's images (by id hash) held out: the epoch's score is minus their mean loss."""
     num_workers: int = 1
-    use_gpu: bool = False
+    use_gpu: bool | str = False
+    """true, false, or auto (as train_classifier.use_gpu)."""
     cpus_per_worker: float = 1.0
     torch_threads: int = 0
     """Intra-op torch threads per CPU worker; 0 = max(1, int(cpus_per_worker))."""
@@ -567,6 +597,7 @@ class TrainAffinityConfig(Section):
     log_every_steps: int = 20
 
     def validate(self) -> None:
+        check_gpu_choice("train_affinity", "use_gpu", self.use_gpu)
         for name in ("epochs", "batch_size", "lr", "width", "radius", "num_workers", "cpus_per_worker", "decode_cpus"):
             _check_positive("train_affinity", name, getattr(self, name))
         for name in ("torch_threads", "max_failures", "log_every_steps"):

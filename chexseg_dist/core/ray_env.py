@@ -103,3 +103,56 @@ def pool_problem(
             "num_actors or cpus_per_actor"
         )
     return None
+
+
+def actor_gpus(section: str, num_actors: int, gpus_per_actor: float | str, resources: dict[str, float]) -> float:
+    """``gpus_per_actor`` with ``"auto"`` resolved against the cluster (said on the console); numbers are kept.
+
+    ``auto``: one GPU per actor when the cluster has that many, an equal share each when it has fewer (actors then
+    share a card), none when it has no GPU. Explicit values are checked later by :func:`pool_problem`.
+    """
+    if gpus_per_actor != "auto":
+        return float(gpus_per_actor)
+    from chexseg_dist.core.console import say
+
+    gpus = float(resources.get("GPU", 0.0))
+    if gpus <= 0:
+        say(f"{section}: gpus_per_actor=auto: the Ray cluster has no GPU; {num_actors} model actor(s) on CPUs")
+        return 0.0
+    share = min(1.0, gpus / max(1, num_actors))
+    say(f"{section}: gpus_per_actor=auto: the Ray cluster has {gpus:g} GPU(s); {num_actors} actor(s), {share:g} each")
+    return share
+
+
+def worker_gpus(
+    section: str, num_workers: int, use_gpu: bool | str, resources: dict[str, float], can_grow: bool
+) -> bool:
+    """``use_gpu`` with ``"auto"`` resolved against the cluster (said on the console): GPUs when it has one per
+    worker. An explicit ``true`` on a cluster without enough GPUs that cannot grow is refused (Ray Train would wait
+    for them forever).
+
+    Raises:
+        InputError: naming the section, the GPUs needed and the cluster's, and the fix.
+    """
+    from chexseg_dist.core.console import say
+    from chexseg_dist.errors import InputError
+
+    gpus = float(resources.get("GPU", 0.0))
+    if use_gpu == "auto":
+        use = gpus >= num_workers
+        if use:
+            say(f"{section}: use_gpu=auto: the Ray cluster has {gpus:g} GPU(s); {num_workers} worker(s) on GPUs")
+        elif gpus > 0:
+            say(
+                f"{section}: use_gpu=auto: the Ray cluster has {gpus:g} GPU(s) for {num_workers} worker(s); training "
+                f"on CPUs (set {section}.num_workers={int(gpus)} to use the GPUs)"
+            )
+        else:
+            say(f"{section}: use_gpu=auto: the Ray cluster has no GPU; {num_workers} worker(s) on CPUs")
+        return use
+    if use_gpu and gpus < num_workers and not can_grow:
+        raise InputError(
+            f"{section}.use_gpu=true with num_workers={num_workers} needs {num_workers} GPU(s) but the Ray cluster "
+            f"has {gpus:g}; set {section}.use_gpu=false (or auto), or fewer workers"
+        )
+    return bool(use_gpu)

@@ -140,6 +140,11 @@ SCHEDULES: Registry[Callable[[int, int], float]] = Registry(
     {"cosine": "chexseg_dist.train.schedules:cosine", "constant": "chexseg_dist.train.schedules:constant"},
 )
 
+#: Precisions of the pseudo-labelling model stage (``pseudolabel.precision``).
+PRECISIONS: Registry[str] = Registry("precision")
+PRECISIONS.add("fp32", "float32 throughout (TF32 matmuls on GPUs that have them)")
+PRECISIONS.add("bf16", "bf16 autocast for the forward and Grad-CAM's backward; maps stored as float16 as always")
+
 #: CheXlocalize evaluation modes: which (image, pathology) pairs count towards mIoU.
 EVAL_MODES: Registry[str] = Registry("evaluation mode")
 EVAL_MODES.add("tp_only", "pairs where both the ground truth and the prediction are non-empty")

@@ -36,7 +36,7 @@ from chexseg_dist.core import fsio
 from chexseg_dist.core.console import format_seconds, say
 from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.pathologies import TASKS
-from chexseg_dist.core.ray_env import cluster_resources, pool_problem, ray_can_grow, ray_session
+from chexseg_dist.core.ray_env import actor_gpus, cluster_resources, pool_problem, ray_can_grow, ray_session
 from chexseg_dist.data.chexlocalize import encode_mask
 from chexseg_dist.data.frames import decode_frames
 from chexseg_dist.data.manifest import read_manifest, select_views
@@ -128,7 +128,7 @@ def build_dataset(images: pa.Table, sc: SegmentConfig, checkpoint: str, image_si
         SegmentationPredictor,
         fn_constructor_kwargs={
             "checkpoint": checkpoint,
-            "use_gpu": sc.gpus_per_actor > 0,
+            "use_gpu": float(sc.gpus_per_actor) > 0,
             "threads": sc.torch_threads or max(1, int(sc.cpus_per_actor)),
             "amp": sc.amp,
         },
@@ -136,7 +136,7 @@ def build_dataset(images: pa.Table, sc: SegmentConfig, checkpoint: str, image_si
         batch_size=sc.batch_size,
         batch_format="numpy",
         num_cpus=sc.cpus_per_actor,
-        num_gpus=sc.gpus_per_actor,
+        num_gpus=float(sc.gpus_per_actor),
     )
     return ds.map_batches(
         encode_predictions,  # type: ignore[arg-type]
@@ -176,8 +176,10 @@ def run_segment(cfg: Config, checkpoint: str, manifest: str, out: str) -> Segmen
     failures: list[dict[str, Any]] = []
     can_grow = ray_can_grow()
     with ray_session():
+        resources = cluster_resources()
+        sc.gpus_per_actor = actor_gpus("segment", sc.num_actors, sc.gpus_per_actor, resources)  # "auto" resolved
         problem = pool_problem(
-            "segment", sc.num_actors, sc.cpus_per_actor, sc.gpus_per_actor, sc.decode_cpus, cluster_resources()
+            "segment", sc.num_actors, sc.cpus_per_actor, float(sc.gpus_per_actor), sc.decode_cpus, resources
         )
         if problem and not can_grow:
             raise InputError(problem)

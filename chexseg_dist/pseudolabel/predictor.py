@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,14 +26,22 @@ class ClassifierPredictor:
             differs from a batch of eight in the last bits), and how Ray Data cuts batches depends on arrival
             order, which differs between runs, object stores and local disks: a fixed shape makes every image's
             maps the same bits however its batch was cut.
+        precision: ``fp32``, or ``bf16``: the forward and Grad-CAM's backward under bf16 autocast (on a GPU with
+            channels-last weights and frames); maps and probabilities leave the actor as float32 either way.
     """
 
     def __init__(
-        self, checkpoints: Sequence[str], grid_shape: tuple[int, int], use_gpu: bool, threads: int, batch_size: int = 0
+        self,
+        checkpoints: Sequence[str],
+        grid_shape: tuple[int, int],
+        use_gpu: bool,
+        threads: int,
+        batch_size: int = 0,
+        precision: str = "fp32",
     ) -> None:
         import torch
 
-        from chexseg_dist.saliency.classifier import load_classifier
+        from chexseg_dist.saliency.classifier import LoadedEnsemble, load_classifier
 
         torch.set_num_threads(max(1, threads))
         if use_gpu:
@@ -41,6 +50,21 @@ class ClassifierPredictor:
         self.loaded = load_classifier(list(checkpoints), self.device)
         self.grid_shape = tuple(grid_shape)
         self.batch_size = int(batch_size)
+        self.precision = precision
+        self.channels_last = precision == "bf16" and use_gpu
+        if self.channels_last:
+            members = self.loaded.members if isinstance(self.loaded, LoadedEnsemble) else [self.loaded]
+            for member in members:
+                member.model.to(memory_format=torch.channels_last)
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device, dtype=torch.bfloat16)
 
     def _predict(self, frames: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 frames ``[n, S, S]`` -> probabilities ``[n, K]`` and task maps, each image at a fixed place.
@@ -68,7 +92,11 @@ class ClassifierPredictor:
             rows = np.flatnonzero(passes == k)
             x = np.zeros((step, *frames.shape[1:]), frames.dtype)
             x[position[rows]] = frames[rows]
-            p, c = predict_with_cams(self.loaded, torch.from_numpy(x).unsqueeze(1).to(self.device).float().div_(255.0))
+            frames_t = torch.from_numpy(x).unsqueeze(1).to(self.device).float().div_(255.0)
+            if self.channels_last:
+                frames_t = frames_t.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                p, c = predict_with_cams(self.loaded, frames_t)
             p_np = p.detach().float().cpu().numpy()[position[rows]]
             c_np = select_tasks(c.detach().float().cpu().numpy()[position[rows]])
             if probs is None or cams is None:

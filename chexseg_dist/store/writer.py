@@ -60,6 +60,8 @@ class StoreSpec:
         grid_shape: ``(gh, gw)`` of the maps (a new store's shape; a resumed store keeps its own).
         images_per_chunk: chunk size along the image axis.
         mismatch: ``(key, stored, wanted, store attrs) -> message`` explaining an identity mismatch and its fix.
+        identity_defaults: what an identity key means in a store written before the key existed (e.g. a store
+            without ``precision`` was written in fp32).
     """
 
     image_ids: Sequence[str]
@@ -69,6 +71,7 @@ class StoreSpec:
     images_per_chunk: int
     attrs: Mapping[str, Any] = field(default_factory=dict)
     mismatch: Callable[[str, Any, Any, Mapping[str, Any]], str] | None = None
+    identity_defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,7 +157,7 @@ class StoreWriter:
         if existed and not overwrite:
             store = MapStore.open(self.uri, mode="r+")
             for key, wanted in spec.identity.items():
-                stored = store.attrs.get(key)
+                stored = store.attrs.get(key, spec.identity_defaults.get(key))
                 if stored != wanted:
                     explain = spec.mismatch or _default_mismatch
                     raise StoreError(f"{self.uri}: {explain(key, stored, wanted, store.attrs)}")

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from chexseg_dist.core import fsio
 from chexseg_dist.core.console import Relay, format_seconds, relay_say, say
-from chexseg_dist.core.ray_env import ray_session
+from chexseg_dist.core.ray_env import cluster_resources, ray_can_grow, ray_session, worker_gpus
 from chexseg_dist.data.failures import latest_per_image, read_failure_tables
 from chexseg_dist.errors import ChexsegError, TrainingError
 
@@ -60,7 +60,7 @@ class LoopSettings(Protocol):
 
     epochs: int
     num_workers: int
-    use_gpu: bool
+    use_gpu: bool | str
     cpus_per_worker: float
     torch_threads: int
     max_failures: int
@@ -470,6 +470,11 @@ def check_resumable(task: TrainTask, storage: str, run_name: str) -> None:
 
 
 def _fit(task: TrainTask, out: str, fault: FaultInjection | None, default_name: str) -> TrainResult:
+    loop = task.loop
+    # "auto" becomes what the cluster has, in the section itself: the run, its description and the exported config
+    # all see the value the run used.
+    section = getattr(loop, "SECTION", task.name)
+    loop.use_gpu = worker_gpus(section, loop.num_workers, loop.use_gpu, cluster_resources(), ray_can_grow())
     storage, run_name = resolve_run(task.loop, out, default_name)
     check_resumable(task, storage, run_name)
     invocation = uuid.uuid4().hex
@@ -548,7 +553,7 @@ def _train(
             "relay": relay.handle,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=loop.num_workers, use_gpu=loop.use_gpu, resources_per_worker=resources
+            num_workers=loop.num_workers, use_gpu=bool(loop.use_gpu), resources_per_worker=resources
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(

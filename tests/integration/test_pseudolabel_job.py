@@ -174,6 +174,34 @@ def test_second_run_does_no_model_work(ray_cluster: None, corpus: dict, tmp_path
     assert chunk.stat().st_mtime_ns == mtime  # nothing rewritten
 
 
+@pytest.mark.cluster
+def test_a_bf16_store_is_close_to_fp32_records_its_precision_and_resumes_only_at_it(
+    ray_cluster: None, corpus: dict, tmp_path: Path
+) -> None:
+    fp32, bf16 = str(tmp_path / "fp32.zarr"), str(tmp_path / "bf16.zarr")
+    run_pseudolabel(tiny_cfg(), corpus["manifest"], corpus["checkpoint"], fp32)
+    cfg16 = tiny_cfg("pseudolabel.precision=bf16")
+    assert run_pseudolabel(cfg16, corpus["manifest"], corpus["checkpoint"], bf16).processed == 24
+    a, b = MapStore.open(fp32), MapStore.open(bf16)
+    assert a.attrs.get("precision") == "fp32" and b.attrs["precision"] == "bf16"
+    ra, rb = a.read(slice(None)), b.read(b.index_of(a.read(slice(None)).image_id))
+    np.testing.assert_allclose(ra.probs, rb.probs, atol=0.02)
+    corr = [
+        np.corrcoef(ra.cams[i, t].ravel(), rb.cams[i, t].ravel())[0, 1]
+        for i in range(len(ra))
+        for t in range(ra.cams.shape[1])
+        if ra.cams[i, t].std() > 0 and rb.cams[i, t].std() > 0
+    ]
+    assert len(corr) > 100 and np.median(corr) > 0.999 and min(corr) > 0.98, (np.median(corr), min(corr))
+    # Each resumes at its own precision (nothing left to do) and refuses the other one before any work.
+    again = run_pseudolabel(cfg16, corpus["manifest"], corpus["checkpoint"], bf16)
+    assert (again.processed, again.skipped) == (0, 24)
+    with pytest.raises(StoreError, match=r"store holds bf16 maps; pseudolabel.precision=fp32"):
+        run_pseudolabel(tiny_cfg(), corpus["manifest"], corpus["checkpoint"], bf16)
+    with pytest.raises(StoreError, match=r"store holds fp32 maps; pseudolabel.precision=bf16"):
+        run_pseudolabel(cfg16, corpus["manifest"], corpus["checkpoint"], fp32)
+
+
 def test_resume_refuses_another_model_or_manifest(corpus: dict, tmp_path: Path) -> None:
     """Checked before Ray starts: a store's slots and maps belong to one manifest and one model."""
     store = str(tmp_path / "maps.zarr")
