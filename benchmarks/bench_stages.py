@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +70,19 @@ def bench_decode(paths: list[str], size: int, procs: int, block: int) -> dict[st
     return out
 
 
-def bench_model(checkpoint: str, device: str, batches: list[int], seconds: float, threads: int) -> list[dict[str, Any]]:
-    """Images/s of one actor's batch work (transfer, predict_with_cams, maps back, encode) and of a plain forward."""
+def bench_model(
+    checkpoint: str, device: str, batches: list[int], seconds: float, threads: int, precisions: list[str]
+) -> list[dict[str, Any]]:
+    """Images/s of one actor's batch work (the actor's own code: transfer, all-class Grad-CAM, maps back, store
+    encoding) at each precision (``pseudolabel.precision``), and of a plain fp32 forward."""
     import numpy as np
     import torch
 
     from chexseg_dist.models.checkpoint import LoadedClassifier
-    from chexseg_dist.saliency.classifier import load_classifier, predict_with_cams
-    from chexseg_dist.store.codec import encode_cams, select_tasks
+    from chexseg_dist.pseudolabel.inputs import probe_grid_shape
+    from chexseg_dist.pseudolabel.predictor import ClassifierPredictor
+    from chexseg_dist.saliency.classifier import load_classifier
+    from chexseg_dist.store.codec import encode_cams
 
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True
@@ -85,6 +91,7 @@ def bench_model(checkpoint: str, device: str, batches: list[int], seconds: float
         raise SystemExit("bench_stages: give one checkpoint, not an ensemble")
     size = loaded.image_size
     model = loaded.model
+    grid = probe_grid_shape([checkpoint])
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
     for b in batches:
@@ -94,19 +101,24 @@ def bench_model(checkpoint: str, device: str, batches: list[int], seconds: float
         if device.startswith("cuda"):
             frames = frames.pin_memory()
 
-        def step(frames: torch.Tensor) -> None:
-            x = frames.to(device, non_blocking=True).float().div_(255.0)
-            p, c = predict_with_cams(loaded, x)
-            p_np = p.float().cpu().numpy()
-            encode_cams(select_tasks(c.float().cpu().numpy()))
-            assert np.isfinite(p_np).all()
+        def actor_step(precision: str, b: int = b) -> Callable[[torch.Tensor], None]:
+            actor = ClassifierPredictor([checkpoint], grid, device.startswith("cuda"), threads, b, precision)
+            slots = np.arange(b)
+
+            def step(batch: torch.Tensor) -> None:
+                p_np, c_np = actor._predict(batch[:, 0].numpy(), slots)
+                encode_cams(c_np)
+                assert np.isfinite(p_np).all()
+
+            return step
 
         def forward(frames: torch.Tensor) -> None:
             with torch.no_grad():
                 model(frames.to(device, non_blocking=True).float().div_(255.0)).float().cpu()
 
         row: dict[str, Any] = {"batch": b}
-        for name, fn in (("actor_step", step), ("forward", forward)):
+        steps = [(f"actor_step_{p}", actor_step(p)) for p in precisions]
+        for name, fn in (*steps, ("forward", forward)):
             for _ in range(3):
                 fn(frames)
             sync()
@@ -119,8 +131,8 @@ def bench_model(checkpoint: str, device: str, batches: list[int], seconds: float
         if device.startswith("cuda"):
             row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         rows.append(row)
-        step_rate, fwd_rate = row["actor_step_img_s"], row["forward_img_s"]
-        print(f"model batch {b}: actor step {step_rate:.0f} img/s, forward {fwd_rate:.0f} img/s", flush=True)
+        rates = ", ".join(f"actor step {p} {row[f'actor_step_{p}_img_s']:.0f} img/s" for p in precisions)
+        print(f"model batch {b}: {rates}, forward fp32 {row['forward_img_s']:.0f} img/s", flush=True)
     return rows
 
 
@@ -130,6 +142,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="classifier checkpoint (its image_size is the frame)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", default="16,64", help="model batch sizes")
+    parser.add_argument("--precisions", default="fp32", help="pseudolabel.precision values to time, e.g. fp32,bf16")
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per model measurement")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (CPU model)")
     parser.add_argument("--decode-images", type=int, default=512, help="images decoded per pass")
@@ -158,7 +171,8 @@ def main() -> None:
     )
     if not args.no_model:
         batches = [int(b) for b in args.batches.split(",")]
-        result["model"] = bench_model(args.checkpoint, args.device, batches, args.seconds, args.threads)
+        precisions = args.precisions.split(",")
+        result["model"] = bench_model(args.checkpoint, args.device, batches, args.seconds, args.threads, precisions)
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
