@@ -167,8 +167,10 @@ class ClassifierTask(TrainTask):
             ds: Any = ray.data.from_arrow(blocks)
             if what == "train":
                 # Metadata only: a full shuffle per epoch costs almost nothing. Seeded: a new order every epoch (Ray
-                # reseeds per execution), the same orders in every run of one seed.
-                ds = ds.random_shuffle(seed=tc.seed)
+                # reseeds per execution), the same orders in every run of one seed. Its tasks ask for decode_cpus,
+                # not Ray's default of 1 CPU: a cluster whose nodes each keep less than a whole CPU free next to their
+                # training worker would otherwise never schedule the shuffle, and the run would wait forever.
+                ds = ds.random_shuffle(seed=tc.seed, num_cpus=tc.decode_cpus)
             ds = ds.map_batches(
                 decode_frames,  # type: ignore[arg-type]
                 fn_kwargs={
