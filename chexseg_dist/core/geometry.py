@@ -66,6 +66,25 @@ class Letterbox:
         """``(height, width, size, new_height, new_width, pad_top, pad_left)``, as stored per image in the store."""
         return (self.height, self.width, self.size, self.new_height, self.new_width, self.pad_top, self.pad_left)
 
+    def content_mask(self) -> np.ndarray:
+        """``[size, size]`` bool: True on the frame's image content, False on its padding."""
+        out = np.zeros((self.size, self.size), dtype=bool)
+        out[self.pad_top : self.pad_top + self.new_height, self.pad_left : self.pad_left + self.new_width] = True
+        return out
+
+    @staticmethod
+    def content_masks(params: np.ndarray) -> np.ndarray:
+        """``[n, S, S]`` bool content windows of ``n`` frames from their stored :meth:`params` rows ``[n, 7]``
+        (all of one frame size ``S``)."""
+        rows = np.asarray(params, dtype=np.int64).reshape(-1, 7)
+        size = int(rows[0, 2]) if len(rows) else 1
+        out = np.zeros((len(rows), size, size), dtype=bool)
+        for i, (_, _, s, nh, nw, top, left) in enumerate(rows.tolist()):
+            if s != size:
+                raise ValueError(f"Letterbox.content_masks: frames of sizes {size} and {s} in one stack")
+            out[i, top : top + nh, left : left + nw] = True
+        return out
+
     # ------------------------------------------------------------------ original -> frame
     def image_to_frame(self, image: np.ndarray, reduced: bool = False) -> np.ndarray:
         """Resize (antialiased bilinear) and pad an image into the frame.

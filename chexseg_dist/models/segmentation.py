@@ -17,6 +17,7 @@ metrics, the resolved config and the weights' fingerprint).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,3 +217,24 @@ def load_segmentation(path: str, device: str | torch.device = "cpu") -> LoadedSe
     model.to(device).eval()
     thresholds = np.asarray([meta["thresholds"][t] for t in TASKS], dtype=np.float64)
     return LoadedSegmentation(model, meta, thresholds, path, fingerprint=meta["fingerprint"])
+
+
+def autocast(device: torch.device, amp: bool) -> AbstractContextManager[Any]:
+    """bf16 autocast on a GPU when ``amp``; nothing on a CPU."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def predict_probs(model: nn.Module, frames: np.ndarray, batch_size: int, device: torch.device, amp: bool) -> np.ndarray:
+    """``[n, 10, S, S]`` float32 sigmoid outputs of the model for uint8 frames ``[n, S, S]`` (eval mode, no grad)."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(frames), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch_size])).to(device)
+            x = x.unsqueeze(1).float().div_(255.0)
+            with autocast(device, amp):
+                logits = model(x)
+            out.append(torch.sigmoid(logits.float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, N_TASKS, 1, 1), dtype=np.float32)

@@ -32,7 +32,7 @@ class SegmentationPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``decode_frames`` output -> ``probs`` ``[n, 10, S, S]`` float16 (``frame`` dropped; failures pass
         through with zero probabilities and their ``stage`` / ``error``)."""
-        from chexseg_dist.train.segmentation import predict_probs
+        from chexseg_dist.models.segmentation import predict_probs
 
         frames = np.asarray(batch["frame"])
         n, size = frames.shape[0], frames.shape[-1]

@@ -39,7 +39,6 @@ import math
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +50,7 @@ from torch import nn
 from chexseg_dist.config import Config, save_config
 from chexseg_dist.core import fsio
 from chexseg_dist.core.console import say
+from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.pathologies import N_TASKS, TASKS
 from chexseg_dist.core.registry import MIXING_POLICIES, SEGMENTATION_LOSSES
 from chexseg_dist.data.expert import ExpertSet, check_mask_sizes, expert_targets, load_expert_set
@@ -61,9 +61,11 @@ from chexseg_dist.masks.maker import MaskMaker
 from chexseg_dist.masks.tuning import TuningTable, threshold_grid
 from chexseg_dist.models.checkpoint import read_meta
 from chexseg_dist.models.segmentation import (
+    autocast,
     create_segmentation,
     init_encoder_from_classifier,
     load_segmentation,
+    predict_probs,
     read_segmentation_meta,
     save_segmentation,
 )
@@ -217,36 +219,6 @@ def choose_output_thresholds(
         "positives": positives,
         "score": float(scored.mean()) if scored.size else -1.0,
     }
-
-
-def content_masks(letterbox: np.ndarray, size: int) -> np.ndarray:
-    """``[n, S, S]`` bool: the content window of each frame, from :meth:`Letterbox.params` rows."""
-    out = np.zeros((len(letterbox), size, size), dtype=bool)
-    for i, p in enumerate(np.asarray(letterbox, dtype=np.int64)):
-        _, _, _, nh, nw, top, left = (int(v) for v in p)
-        out[i, top : top + nh, left : left + nw] = True
-    return out
-
-
-def autocast(device: torch.device, amp: bool) -> Any:
-    """bf16 autocast on a GPU when ``amp``; nothing on a CPU."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def predict_probs(model: nn.Module, frames: np.ndarray, batch_size: int, device: torch.device, amp: bool) -> np.ndarray:
-    """``[n, 10, S, S]`` float32 sigmoid outputs of the model for uint8 frames ``[n, S, S]``."""
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(frames), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch_size])).to(device)
-            x = x.unsqueeze(1).float().div_(255.0)
-            with autocast(device, amp):
-                logits = model(x)
-            out.append(torch.sigmoid(logits.float()).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, N_TASKS, 1, 1), dtype=np.float32)
 
 
 class SegmentationTask(TrainTask):
@@ -669,10 +641,9 @@ class SegmentationTask(TrainTask):
             if not self._select:
                 raise TrainingError("no expert-select image could be read or decoded (the failures table names them)")
         sel = self._select
-        size = self.model_cfg.image_size
         t0 = time.perf_counter()
         probs = predict_probs(model, sel["frame"], 2 * self.ts.batch_size, ctx.device, self.ts.amp)
-        counts = select_counts(probs, sel["masks"], content_masks(sel["letterbox"], size), self.ts.threshold_steps)
+        counts = select_counts(probs, sel["masks"], Letterbox.content_masks(sel["letterbox"]), self.ts.threshold_steps)
         chosen = choose_output_thresholds([str(i) for i in sel["image_id"]], *counts, self.ts.threshold_steps)
         metrics: dict[str, Any] = {
             "score": chosen["score"],

@@ -94,3 +94,17 @@ def test_wrong_shapes_are_rejected_with_the_shape() -> None:
         box.image_to_frame(np.zeros((20, 10)))
     with pytest.raises(ValueError, match="size"):
         Letterbox(10, 20, 1)
+
+
+def test_content_masks_cover_exactly_the_non_padding_of_each_frame() -> None:
+    # The student scores expert-select only inside each frame's content: a window off by one row would count
+    # padding as background pixels of every pathology.
+    boxes = [Letterbox(300, 200, 64), Letterbox(200, 300, 64), Letterbox(64, 64, 64)]
+    stack = Letterbox.content_masks(np.array([b.params() for b in boxes]))
+    assert stack.shape == (3, 64, 64)
+    for box, mask in zip(boxes, stack):
+        ones = np.ones((box.height, box.width), dtype=np.float32)
+        np.testing.assert_array_equal(mask, box.image_to_frame(ones) > 0)
+        np.testing.assert_array_equal(mask, box.content_mask())
+    with pytest.raises(ValueError, match="sizes 64 and 32"):
+        Letterbox.content_masks(np.array([boxes[0].params(), Letterbox(10, 10, 32).params()]))
