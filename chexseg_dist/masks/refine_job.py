@@ -4,16 +4,17 @@ bit-packed, in the store's ``refined/<key>`` subgroup (layout: :mod:`chexseg_dis
 Refinement costs far more than thresholding (a dense CRF per gated-in (image, pathology)), and the student would
 otherwise redo it every time it draws a row. The job follows the writers' lifecycle:
 
-1. **start** (driver): take the store's lock; compute the recipe's key (:func:`refine_spec`: the refiner and its
-   parameters, the binariser and its thresholds, the gates, the frame, the maps' model); create the subgroup or
-   resume it; list the chunks with pending rows.
+1. **start** (driver): compute the recipe (:func:`~chexseg_dist.masks.recipe.student_recipe`: the maker and the key
+   of everything that decides a mask: the refiner and its parameters, the binariser and its thresholds, the gates,
+   the frame, the maps' model); the store's :class:`~chexseg_dist.store.refined.RefinedWriter` takes the lock and
+   creates the subgroup or resumes it; list the chunks with pending rows.
 2. **write per task**: a Ray Data ``map`` over those chunks, one task per chunk: it reads the chunk's maps, fetches and
    letterboxes the images, makes the masks with the one :class:`~chexseg_dist.masks.maker.MaskMaker` (gates first,
    then the refiner) and writes the chunk's rows, ``done`` last. A chunk belongs to one task only, so no two writers
    ever touch one Zarr chunk.
-3. **commit** (driver): as tasks finish it prints progress and appends their per-image failures (unreadable image,
-   an image whose size differs from the one its maps were made from) to the recipe's failures table
-   (``<store>.sidecar/refined-<key>/failures``).
+3. **commit** (driver): as tasks finish it prints progress and the writer appends their per-image failures
+   (unreadable image, an image whose size differs from the one its maps were made from) to the recipe's failures
+   table (``<store>.sidecar/refined-<key>/failures``).
 4. **failure hook**: if the pipeline dies, what finished tasks wrote stays committed (``done`` per row) and the
    failures seen so far are recorded; a re-run does the rest. A job killed with SIGKILL leaves at most the chunks it
    was writing with ``done = 0`` rows, which the re-run recomputes: the result equals an uninterrupted run's.
@@ -21,83 +22,24 @@ otherwise redo it every time it draws a row. The job follows the writers' lifecy
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-import uuid
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from chexseg_dist.config import Config, MasksConfig
+from chexseg_dist.config import Config
 from chexseg_dist.core.console import rate_eta, say
 from chexseg_dist.core.geometry import Letterbox
+from chexseg_dist.core.runs import new_run_id
 from chexseg_dist.core.serialize import now_utc
-from chexseg_dist.data.failures import append_failure_table, failure_table
+from chexseg_dist.data.failures import failure_table
 from chexseg_dist.errors import ConfigError, StoreError
 from chexseg_dist.masks.gating import manifest_labels
 from chexseg_dist.masks.maker import MaskMaker
-from chexseg_dist.masks.thresholds import TunedThresholds
-from chexseg_dist.store.layout import REFINED_VERSION, refined_failures_path
-from chexseg_dist.store.lock import StoreLock
+from chexseg_dist.masks.recipe import student_maker, student_recipe
 from chexseg_dist.store.mapstore import MapStore
-from chexseg_dist.store.refined import RefinedMasks
-
-#: The masks-config fields that decide a refiner's output (with the binariser's and the gates').
-REFINER_FIELDS = ("crf_", "rw_", "fg_fraction")
-
-
-def refine_spec(
-    masks: MasksConfig, thresholds: TunedThresholds | None, label_gating: bool, frame: int, model_fingerprint: str
-) -> dict[str, Any]:
-    """Everything that decides the refined masks of a store row: the recipe recorded with them, whose hash is the
-    subgroup's key."""
-    spec: dict[str, Any] = {
-        "version": REFINED_VERSION,
-        "refiner": masks.refiner,
-        "params": {k: v for k, v in sorted(asdict(masks).items()) if k.startswith(REFINER_FIELDS)},
-        "strategy": masks.strategy,
-        "label_gating": bool(label_gating),
-        "prob_cutoff": bool(masks.prob_cutoff),
-        "frame": int(frame),
-        "model_fingerprint": model_fingerprint,
-    }
-    if masks.refiner == "affinity":  # the network's weights, not its path, decide the masks
-        from chexseg_dist.models.affinity import AFFINITY_META
-        from chexseg_dist.models.checkpoint import read_json_meta
-
-        meta = read_json_meta(masks.affinity_checkpoint, AFFINITY_META, "an affinity checkpoint")
-        spec["affinity_fingerprint"] = meta.get("fingerprint")
-    if masks.refiner == "affinity" and thresholds is not None and thresholds.meta.get("fg_fractions"):
-        spec["fg_fractions"] = thresholds.meta["fg_fractions"]
-    if thresholds is not None and (masks.strategy == "tuned" or masks.prob_cutoff):
-        spec["thresholds"] = [round(float(t), 6) for t in thresholds.thresholds]
-        spec["cutoffs"] = [round(float(c), 6) for c in thresholds.cutoffs] if masks.prob_cutoff else None
-    return spec
-
-
-def spec_key(spec: Mapping[str, Any]) -> str:
-    """The subgroup key of a recipe: 16 hex digits of the SHA-256 of its canonical JSON."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def student_maker(cfg: Config, thresholds: str | None) -> MaskMaker:
-    """The pseudo-mask maker of the student's config: the ``masks`` section, gated by the student's own
-    ``train_segmentation.label_gating`` (as ``chexseg train-segmentation`` makes its masks)."""
-    maker = MaskMaker.from_config(cfg.masks, thresholds or None)
-    return replace(maker, label_gating=cfg.train_segmentation.label_gating)
-
-
-def recipe(cfg: Config, thresholds: str | None, store: MapStore) -> tuple[str, dict[str, Any]]:
-    """``(key, spec)`` of the refined masks the student of ``cfg`` would make from ``store``."""
-    tuned = TunedThresholds.load(thresholds) if thresholds else None
-    model = str(store.attrs.get("model_fingerprint", ""))
-    spec = refine_spec(
-        cfg.masks, tuned, cfg.train_segmentation.label_gating, cfg.segmentation.image_size, model_fingerprint=model
-    )
-    return spec_key(spec), spec
+from chexseg_dist.store.refined import RefinedMasks, RefinedWriter
 
 
 @dataclass
@@ -149,30 +91,24 @@ def run_refine(
     store = MapStore.open(store_uri, mode="r+")
     if not store.done().any():
         raise StoreError(f"map store {store.uri} holds no maps yet: run chexseg pseudolabel first, then chexseg refine")
-    key, spec = recipe(cfg, thresholds, store)
+    recipe = student_recipe(cfg, thresholds, store)
     paths, labels = _image_inputs(store, manifest)  # a manifest without the store's ids fails before any write
     frame = cfg.segmentation.image_size
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    pl = cfg.pseudolabel
-    lock = StoreLock(store.uri, stale_after_s=pl.lock_stale_s, run_id=run_id)
-    lock.acquire()
-    try:
-        if RefinedMasks.exists(store, key):
-            refined = RefinedMasks.open(store, key)
-            if refined.attrs.get("spec") != spec:
-                raise StoreError(
-                    f"{store.uri}/refined/{key} holds masks of another recipe ({refined.attrs.get('spec')}); delete "
-                    "that subgroup and run chexseg refine again"
-                )
-        else:
-            refined = RefinedMasks.create(store, key, frame, spec)
-            say(f"refine: created {store.uri}/refined/{key} ({store.n} images, {frame} px, refiner {spec['refiner']})")
+    run_id = new_run_id()
+    with RefinedWriter(store, recipe.key, recipe.spec, frame, run_id, cfg.pseudolabel.lock_stale_s) as writer:
+        refined = writer.refined
+        assert refined is not None
+        if writer.created:
+            say(
+                f"refine: created {store.uri}/refined/{recipe.key} ({store.n} images, {frame} px, refiner "
+                f"{recipe.spec['refiner']})"
+            )
         maps_done = store.done()
         done, failed = refined.done(), refined.failed()
         todo = maps_done & ~done & (~failed | retry_failed)
         summary = RefineSummary(
-            store=store.uri, key=key, total=store.n, refined=0, skipped=int((maps_done & done).sum()), failed=0,
-            missing_maps=int((~maps_done).sum()), seconds=0.0, run_id=run_id,
+            store=store.uri, key=recipe.key, total=store.n, refined=0, skipped=int((maps_done & done).sum()),
+            failed=0, missing_maps=int((~maps_done).sum()), seconds=0.0, run_id=run_id,
         )  # fmt: skip
         if not todo.any():
             return summary
@@ -182,11 +118,9 @@ def run_refine(
             f"({summary.skipped} already done), refiner {cfg.masks.refiner}, {frame} px"
         )
         t0 = time.time()
-        _run_tasks(cfg, store.uri, key, thresholds, items, lock, summary, int(todo.sum()))
+        _run_tasks(cfg, recipe.maker, items, writer, summary, int(todo.sum()))
         summary.seconds = time.time() - t0
         return summary
-    finally:
-        lock.release()
 
 
 def _image_inputs(store: MapStore, manifest: str) -> tuple[list[str], np.ndarray]:
@@ -217,11 +151,9 @@ def _chunk_items(store: MapStore, paths: list[str], labels: np.ndarray, todo: np
 
 def _run_tasks(
     cfg: Config,
-    store_uri: str,
-    key: str,
-    thresholds: str | None,
+    maker: MaskMaker,
     items: list[dict[str, Any]],
-    lock: StoreLock,
+    writer: RefinedWriter,
     summary: RefineSummary,
     todo: int,
 ) -> None:
@@ -233,21 +165,14 @@ def _run_tasks(
     with ray_session():
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
             refine_chunk,  # type: ignore[arg-type]
-            fn_kwargs={
-                "store_uri": store_uri,
-                "key": key,
-                "masks": asdict(cfg.masks),
-                "thresholds": thresholds,
-                "label_gating": cfg.train_segmentation.label_gating,
-                "threads": max(1, int(cpus)),
-            },
+            fn_kwargs={"store_uri": writer.store.uri, "key": writer.key, "maker": maker, "threads": max(1, int(cpus))},
             num_cpus=cpus,
         )
         started, next_line = time.time(), time.time() + cfg.pseudolabel.progress_interval_s
         failures: list[dict[str, Any]] = []
         try:
             for row in ds.iter_rows():
-                lock.check()
+                writer.check()
                 summary.refined += int(row["refined"])
                 summary.failed += len(row["fail_slot"])
                 failures += [
@@ -267,17 +192,14 @@ def _run_tasks(
                 import pyarrow as pa
 
                 slots = pa.array(np.asarray(columns.pop("slot"), dtype=np.int64))
-                table = failure_table(columns, summary.run_id, extra={"slot": slots})
-                append_failure_table(refined_failures_path(store_uri, key), table)
+                writer.record_failures(failure_table(columns, summary.run_id, extra={"slot": slots}))
 
 
 def refine_chunk(
     item: dict[str, Any],
     store_uri: str,
     key: str,
-    masks: dict[str, Any],
-    thresholds: str | None,
-    label_gating: bool,
+    maker: MaskMaker,
     threads: int,
 ) -> dict[str, Any]:
     """Ray Data task: refine one chunk's pending rows and write them (this task is the chunk's only writer)."""
@@ -289,7 +211,6 @@ def refine_chunk(
     torch.set_num_threads(threads)
     store = MapStore.open(store_uri, mode="r+")
     refined = RefinedMasks.open(store, key)
-    maker = replace(MaskMaker.from_config(MasksConfig(**masks), thresholds), label_gating=label_gating)
     frame = refined.frame
     slots = np.asarray(item["slots"], dtype=np.int64)
     labels = np.asarray(item["labels"], dtype=np.float64)

@@ -115,7 +115,7 @@ def lock_path(store_uri: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- refined masks
 #: Refined pseudo-masks live in the store's group ``refined/<key>`` (``chexseg refine``), one subgroup per refinement
-#: recipe: ``key`` is a hash of everything that decides the masks (:func:`chexseg_dist.masks.refine_job.refine_spec`),
+#: recipe: ``key`` is a hash of everything that decides the masks (:func:`chexseg_dist.masks.recipe.refine_spec`),
 #: so changing the refiner's config makes a new subgroup and never mixes two recipes' masks.
 REFINED_GROUP = "refined"
 REFINED_FORMAT = "chexseg-refined-masks"

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from chexseg_dist.data.failures import append_failure_table
 from chexseg_dist.errors import StoreError
 from chexseg_dist.store.layout import (
     REFINED_ARRAYS,
@@ -16,8 +17,10 @@ from chexseg_dist.store.layout import (
     REFINED_GROUP,
     REFINED_VERSION,
     _compressors,
+    refined_failures_path,
     refined_specs,
 )
+from chexseg_dist.store.lock import StoreLock
 from chexseg_dist.store.mapstore import MapStore
 
 
@@ -157,3 +160,55 @@ class RefinedMasks:
             buf = np.asarray(arr[start:stop]).copy()
             buf[local] = values[name]
             arr[start:stop] = buf
+
+
+class RefinedWriter:
+    """The refine job's side of the store protocol: start (take the store's lock, open the recipe's subgroup or
+    create it, refusing one of another recipe), check the lock while tasks write their chunks, record failures, and
+    release the lock at the end whatever happened (a context manager). The job never touches the lock itself.
+
+    Args:
+        store: the map store, opened ``r+``.
+        key, spec: the recipe (:func:`chexseg_dist.masks.recipe.student_recipe`).
+        frame: the masks' frame size.
+        run_id: recorded as the lock's owner and with the failures.
+        stale_after_s: the lock's staleness (``pseudolabel.lock_stale_s``).
+    """
+
+    def __init__(
+        self, store: MapStore, key: str, spec: Mapping[str, Any], frame: int, run_id: str, stale_after_s: float
+    ) -> None:
+        self.store, self.key, self.spec, self.frame, self.run_id = store, key, dict(spec), int(frame), run_id
+        self.lock = StoreLock(store.uri, stale_after_s=stale_after_s, run_id=run_id)
+        self.refined: RefinedMasks | None = None
+        self.created = False
+
+    def __enter__(self) -> RefinedWriter:
+        self.lock.acquire()
+        try:
+            if RefinedMasks.exists(self.store, self.key):
+                refined = RefinedMasks.open(self.store, self.key)
+                if refined.attrs.get("spec") != self.spec:
+                    raise StoreError(
+                        f"{self.store.uri}/{REFINED_GROUP}/{self.key} holds masks of another recipe "
+                        f"({refined.attrs.get('spec')}); delete that subgroup and run chexseg refine again"
+                    )
+            else:
+                refined = RefinedMasks.create(self.store, self.key, self.frame, self.spec)
+                self.created = True
+        except BaseException:
+            self.lock.release()
+            raise
+        self.refined = refined
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+    def check(self) -> None:
+        """Raise when the lock was lost (another job took it over): stop before writing more."""
+        self.lock.check()
+
+    def record_failures(self, table: Any) -> str:
+        """Append a failures table (``failure_table`` rows plus ``slot``) to the recipe's failures."""
+        return append_failure_table(refined_failures_path(self.store.uri, self.key), table)

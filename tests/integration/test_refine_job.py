@@ -23,7 +23,8 @@ from chexseg_dist.data.chexlocalize import encode_mask, write_segmentations
 from chexseg_dist.data.failures import read_failure_tables
 from chexseg_dist.data.images import load_frame
 from chexseg_dist.masks.gating import manifest_labels
-from chexseg_dist.masks.refine_job import run_refine, student_maker
+from chexseg_dist.masks.recipe import student_maker
+from chexseg_dist.masks.refine_job import run_refine
 from chexseg_dist.store import MapStore
 from chexseg_dist.store.layout import refined_failures_path
 from chexseg_dist.store.refined import RefinedMasks
