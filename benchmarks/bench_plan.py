@@ -167,7 +167,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import zarr  # noqa: F401
 
     from chexseg_dist.config.resolve import load_config
-    from chexseg_dist.pseudolabel.job import build_dataset, new_run_id, plan_pseudolabel, writer_settings
+    from chexseg_dist.core.runs import new_run_id
+    from chexseg_dist.pseudolabel.job import build_dataset, plan_pseudolabel, writer_settings
     from chexseg_dist.store import StoreWriter
 
     cfg = load_config(args.preset, None, args.set)

@@ -131,3 +131,35 @@ def decode_frames(
         except Exception:  # Recording a failure must not become one: the task goes on, the worker log keeps it.
             log.exception("could not record %d failed image(s) in %s: %s", int(failed.sum()), failures_dir, records)
     return {k: v[~failed] for k, v in out.items()}
+
+
+def with_decode_stage(
+    ds: Any,
+    image_size: int,
+    num_cpus: float,
+    *,
+    failures_dir: str | None = None,
+    run_id: str = "",
+    batch_size: int | None = None,
+    memory_mb: float = 0.0,
+) -> Any:
+    """``ds`` followed by the decode stage (:func:`decode_frames` as Ray Data CPU tasks), the one way a pipeline
+    adds it.
+
+    Args:
+        ds: a Ray dataset of manifest rows (``path``, ``row``, ``image_id``, ...).
+        image_size: side ``S`` of the model frame.
+        num_cpus: CPUs per decode task.
+        failures_dir: training: failed rows are dropped and recorded there (with ``run_id``); None (inference): they
+            stay in the stream with a zero frame and their reason, for the writer to record.
+        batch_size: rows per call; None = one call per block (a pipeline that sized its blocks itself).
+        memory_mb: a memory request per task (0: none). Inference pipelines set it: besides reserving decode memory,
+            a resource the model actors do not request keeps Ray Data from fusing this stage into them.
+    """
+    kwargs: dict[str, Any] = {"image_size": image_size, "keep_failed": failures_dir is None}
+    if failures_dir is not None:
+        kwargs.update(failures_dir=failures_dir, run_id=run_id)
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if memory_mb:
+        options["memory"] = memory_mb * 1024 * 1024
+    return ds.map_batches(decode_frames, fn_kwargs=kwargs, batch_size=batch_size, batch_format="numpy", **options)

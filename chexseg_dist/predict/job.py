@@ -38,7 +38,7 @@ from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.pathologies import TASKS
 from chexseg_dist.core.ray_env import actor_gpus, cluster_resources, pool_problem, ray_can_grow, ray_session
 from chexseg_dist.data.chexlocalize import encode_mask
-from chexseg_dist.data.frames import decode_frames
+from chexseg_dist.data.frames import with_decode_stage
 from chexseg_dist.data.manifest import read_manifest, select_views
 from chexseg_dist.errors import InputError
 from chexseg_dist.models.segmentation import read_segmentation_meta
@@ -116,14 +116,8 @@ def build_dataset(images: pa.Table, sc: SegmentConfig, checkpoint: str, image_si
 
     per_block = sc.images_per_decode_task
     blocks = [images.slice(i, per_block) for i in range(0, images.num_rows, per_block)]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        decode_frames,  # type: ignore[arg-type]
-        fn_kwargs={"image_size": image_size, "keep_failed": True},
-        batch_size=None,
-        batch_format="numpy",
-        num_cpus=sc.decode_cpus,
-        memory=sc.decode_memory_mb * 1024 * 1024,  # also keeps this stage from fusing into the actors
-    )
+    # The memory request also keeps this stage from fusing into the actors.
+    ds = with_decode_stage(ray.data.from_arrow(blocks), image_size, sc.decode_cpus, memory_mb=sc.decode_memory_mb)
     ds = ds.map_batches(
         SegmentationPredictor,
         fn_constructor_kwargs={

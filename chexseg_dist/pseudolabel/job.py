@@ -27,7 +27,6 @@ recomputed (Ray is not even started).
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +37,8 @@ import pyarrow as pa
 from chexseg_dist.config import Config, PseudolabelConfig
 from chexseg_dist.core.console import say
 from chexseg_dist.core.ray_env import actor_gpus, cluster_resources, pool_problem, ray_can_grow, ray_session
-from chexseg_dist.data.frames import decode_frames
+from chexseg_dist.core.runs import new_run_id
+from chexseg_dist.data.frames import with_decode_stage
 from chexseg_dist.data.manifest import read_manifest
 from chexseg_dist.errors import InputError
 from chexseg_dist.models.checkpoint import split_paths
@@ -213,11 +213,6 @@ def plan_pseudolabel(
     return PseudolabelPlan(ms, todo, todo_mask, done0, summary, ckpts, image_size, seconds)
 
 
-def new_run_id() -> str:
-    """A run id: local time plus 6 random hex digits (lock owner, fragment names, failure records)."""
-    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
 def writer_settings(pl: PseudolabelConfig) -> WriterSettings:
     """The store writer's pacing from the ``pseudolabel`` section."""
     return WriterSettings(pl.lock_stale_s, pl.commit_interval_s, pl.progress_interval_s, pl.write_concurrency)
@@ -246,16 +241,8 @@ def build_dataset(
         pa.table({name: todo.column(name).slice(i, per_block).combine_chunks() for name in todo.column_names})
         for i in range(0, todo.num_rows, per_block)
     ]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        decode_frames,  # type: ignore[arg-type]
-        fn_kwargs={"image_size": image_size, "keep_failed": True},
-        batch_size=None,
-        batch_format="numpy",
-        num_cpus=pl.decode_cpus,
-        # A resource request the actors do not make: besides reserving decode memory, it keeps Ray Data from
-        # fusing this task stage into the classifier actors (fusion needs identical remote arguments).
-        memory=pl.decode_memory_mb * 1024 * 1024,
-    )
+    # The memory request (one the actors do not make) also keeps Ray Data from fusing decoding into the actors.
+    ds = with_decode_stage(ray.data.from_arrow(blocks), image_size, pl.decode_cpus, memory_mb=pl.decode_memory_mb)
     ds = ds.map_batches(
         ClassifierPredictor,
         fn_constructor_kwargs={

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -32,7 +30,8 @@ from chexseg_dist.core import fsio
 from chexseg_dist.core.console import say
 from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.pathologies import N_TASKS, OBSERVATIONS
-from chexseg_dist.data.frames import decode_frames
+from chexseg_dist.core.runs import new_run_id
+from chexseg_dist.data.frames import with_decode_stage
 from chexseg_dist.data.labels import label_column
 from chexseg_dist.errors import InputError
 from chexseg_dist.masks.gating import task_values
@@ -189,17 +188,9 @@ class AffinityTask(TrainTask):
                 batch_size=None,
                 num_cpus=self.ta.decode_cpus,
             )
-            ds = ds.map_batches(
-                decode_frames,  # type: ignore[arg-type]
-                fn_kwargs={
-                    "image_size": self.frame,
-                    "keep_failed": False,
-                    "failures_dir": fsio.join(self.failures_dir, what),
-                    "run_id": self.run_id,
-                },
-                batch_format="numpy",
-                batch_size=DECODE_BATCH,
-                num_cpus=self.ta.decode_cpus,
+            failures = fsio.join(self.failures_dir, what)
+            ds = with_decode_stage(
+                ds, self.frame, self.ta.decode_cpus, failures_dir=failures, run_id=self.run_id, batch_size=DECODE_BATCH
             )
             # Seeds are the same every epoch and cost two CRFs per (image, positive pathology): computed once, kept
             # in Ray's object store (frame + seeds: ~26 KB per image at 128 px) and streamed from there each epoch.
@@ -304,7 +295,7 @@ def train_affinity(
         ChexsegError: a store of another manifest, too few images, a resumed run of another identity.
     """
     storage, run_name = resolve_run(cfg.train_affinity, out, "affinity")
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     task = AffinityTask(cfg, store, manifest, fsio.join(storage, run_name, "failures"), run_id)
     result = fit(task, out, fault=fault, default_name="affinity")
     best = result.best_metrics

@@ -38,7 +38,8 @@ from chexseg_dist.config import Config, TrainClassifierConfig, save_config
 from chexseg_dist.core import fsio
 from chexseg_dist.core.console import say
 from chexseg_dist.core.pathologies import OBSERVATIONS
-from chexseg_dist.data.frames import decode_frames
+from chexseg_dist.core.runs import new_run_id
+from chexseg_dist.data.frames import with_decode_stage
 from chexseg_dist.data.labels import labels_and_mask
 from chexseg_dist.data.manifest import check_paths_exist, read_manifest, select_views
 from chexseg_dist.errors import ManifestError
@@ -171,17 +172,9 @@ class ClassifierTask(TrainTask):
                 # not Ray's default of 1 CPU: a cluster whose nodes each keep less than a whole CPU free next to their
                 # training worker would otherwise never schedule the shuffle, and the run would wait forever.
                 ds = ds.random_shuffle(seed=tc.seed, num_cpus=tc.decode_cpus)
-            ds = ds.map_batches(
-                decode_frames,  # type: ignore[arg-type]
-                fn_kwargs={
-                    "image_size": self.image_size,
-                    "keep_failed": False,
-                    "failures_dir": fsio.join(self.failures_dir, what),
-                    "run_id": self.run_id,
-                },
-                batch_format="numpy",
-                batch_size=DECODE_BATCH,
-                num_cpus=tc.decode_cpus,
+            failures = fsio.join(self.failures_dir, what)
+            ds = with_decode_stage(
+                ds, self.image_size, tc.decode_cpus, failures_dir=failures, run_id=self.run_id, batch_size=DECODE_BATCH
             ).map_batches(
                 label_targets,  # type: ignore[arg-type]
                 fn_kwargs={
@@ -313,13 +306,11 @@ def train_classifier(
         ChexsegError: bad manifests or labels (naming the file and row), or a resumed run of another model.
         RuntimeError: training failed after ``max_failures`` retries (the Ray error is chained).
     """
-    import time
-    import uuid
 
     from chexseg_dist.train._loop import resolve_run
 
     storage, run_name = resolve_run(cfg.train_classifier, out, "classifier")
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     task = ClassifierTask(cfg, train_manifest, valid_manifest, fsio.join(storage, run_name, "failures"), run_id)
     result = fit(task, out, fault=fault, default_name="classifier")
     if verbose:

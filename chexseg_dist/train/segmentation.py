@@ -34,10 +34,8 @@ thresholds (:func:`~chexseg_dist.models.segmentation.save_segmentation`) plus ``
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,11 +51,13 @@ from chexseg_dist.core.console import say
 from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.pathologies import N_TASKS, TASKS
 from chexseg_dist.core.registry import MIXING_POLICIES, SEGMENTATION_LOSSES
+from chexseg_dist.core.runs import new_run_id
 from chexseg_dist.data.expert import ExpertSet, check_mask_sizes, expert_targets, load_expert_set
-from chexseg_dist.data.frames import decode_frames
+from chexseg_dist.data.frames import with_decode_stage
 from chexseg_dist.data.manifest import read_manifest
 from chexseg_dist.errors import CheckpointError, ConfigError, InputError, TrainingError
 from chexseg_dist.masks.maker import MaskMaker
+from chexseg_dist.masks.recipe import student_maker, student_recipe
 from chexseg_dist.masks.tuning import TuningTable, threshold_grid
 from chexseg_dist.models.checkpoint import read_meta
 from chexseg_dist.models.segmentation import (
@@ -283,8 +283,7 @@ class SegmentationTask(TrainTask):
                 "--pseudo-manifest M.parquet (the store chexseg pseudolabel wrote and its manifest)"
             )
         if ts.mode in ("weak", "semi"):
-            maker = MaskMaker.from_config(self.cfg.masks, inputs.thresholds or None)
-            self.maker = dataclasses.replace(maker, label_gating=ts.label_gating)
+            self.maker = student_maker(self.cfg, inputs.thresholds or None)
         expert = load_expert_set(
             inputs.expert_manifest,
             inputs.expert_annotations,
@@ -360,13 +359,17 @@ class SegmentationTask(TrainTask):
                 out[f"pseudo_{rank}"] = self._pseudo_dataset(share)
         return out
 
-    def _decode_kwargs(self, split: str) -> dict[str, Any]:
-        return {
-            "image_size": self.model_cfg.image_size,
-            "keep_failed": False,
-            "failures_dir": fsio.join(self.failures_dir, split),
-            "run_id": self.run_id,
-        }
+    def _decoded(self, ds: Any, split: str) -> Any:
+        """``ds`` through the decode stage at the student's size, failures recorded under ``split``."""
+        failures = fsio.join(self.failures_dir, split)
+        return with_decode_stage(
+            ds,
+            self.model_cfg.image_size,
+            self.ts.decode_cpus,
+            failures_dir=failures,
+            run_id=self.run_id,
+            batch_size=DECODE_BATCH,
+        )
 
     def _expert_dataset(self, table: pa.Table, split: str) -> Any:
         import ray.data
@@ -378,14 +381,7 @@ class SegmentationTask(TrainTask):
         ]
         ds: Any = ray.data.from_arrow(blocks)
         cpus = self.ts.decode_cpus
-        ds = ds.map_batches(
-            decode_frames,  # type: ignore[arg-type]
-            fn_kwargs=self._decode_kwargs(split),
-            batch_format="numpy",
-            batch_size=DECODE_BATCH,
-            num_cpus=cpus,
-        )
-        return ds.map_batches(
+        return self._decoded(ds, split).map_batches(
             _expert_rows,  # type: ignore[arg-type]
             batch_format="numpy",
             batch_size=DECODE_BATCH,
@@ -405,14 +401,7 @@ class SegmentationTask(TrainTask):
             batch_size=None,  # one task per chunk: a chunk is read once
             num_cpus=cpus,
         )
-        ds = ds.map_batches(
-            decode_frames,  # type: ignore[arg-type]
-            fn_kwargs=self._decode_kwargs("pseudo"),
-            batch_format="numpy",
-            batch_size=DECODE_BATCH,
-            num_cpus=cpus,
-        )
-        return ds.map_batches(
+        return self._decoded(ds, "pseudo").map_batches(
             pseudo_targets,  # type: ignore[arg-type]
             fn_kwargs={"maker": self.maker, "ignore_uncertain": self.ts.ignore_uncertain},
             batch_format="numpy",
@@ -423,12 +412,11 @@ class SegmentationTask(TrainTask):
     def _refined_key(self, pseudo: PseudoSet) -> str | None:
         """The store's refined masks of this student's recipe when they cover the pseudo set, else None (the masks
         are then refined on the fly, at a cost: the CRF slows the weak student ~5x on 2 cores)."""
-        from chexseg_dist.masks.refine_job import recipe
         from chexseg_dist.store.mapstore import MapStore
         from chexseg_dist.store.refined import RefinedMasks
 
         store = MapStore.open(pseudo.store)
-        key, _ = recipe(self.cfg, self.inputs.thresholds or None, store)
+        key = student_recipe(self.cfg, self.inputs.thresholds or None, store).key
         where = f"{store.uri}/refined/{key}"
         if RefinedMasks.exists(store, key):
             done = RefinedMasks.open(store, key).done()
@@ -721,7 +709,7 @@ def train_segmentation(
         RuntimeError: training failed after ``max_failures`` retries (the Ray error is chained).
     """
     storage, run_name = resolve_run(cfg.train_segmentation, out, "segmentation")
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     task = SegmentationTask(cfg, inputs, fsio.join(storage, run_name, "failures"), run_id)
     result = fit(task, out, fault=fault, default_name="segmentation")
     if verbose:
