@@ -426,9 +426,10 @@ def _user_error(err: BaseException) -> ChexsegError | None:
 def fit(task: TrainTask, out: str, *, fault: FaultInjection | None = None, default_name: str = "run") -> TrainResult:
     """Train ``task`` with Ray Train and export its best epoch into ``out``.
 
-    Checks the task's inputs first (:meth:`TrainTask.prepare`), then starts Ray unless it runs. Re-running with the
-    same ``out`` (or run name and storage path) resumes the run at its next epoch; a run that already finished every
-    epoch only re-exports ``out``.
+    Checks the task's inputs first (:meth:`TrainTask.prepare`) and the run it would resume (same identity), then
+    starts Ray unless it runs. Re-running with the same ``out`` (or run name and storage path) resumes the run at its
+    next epoch; a run that already finished every epoch only re-exports ``out``, from its stored checkpoints, without
+    starting Ray or a trainer.
 
     Raises:
         ChexsegError: bad input or state raised inside a worker (unwrapped from Ray's error), or a resumed run of
@@ -436,47 +437,104 @@ def fit(task: TrainTask, out: str, *, fault: FaultInjection | None = None, defau
         RuntimeError: training failed after ``max_failures`` retries (the Ray error is chained).
     """
     task.prepare()
+    storage, run_name = resolve_run(task.loop, out, default_name)
+    newest = check_resumable(task, storage, run_name)
+    if newest is not None and int(newest["epoch"]) + 1 >= task.loop.epochs:
+        return _reexport(task, out, storage, run_name, newest)
     with ray_session():
-        return _fit(task, out, fault or FaultInjection.from_env(), default_name)
+        return _fit(task, out, fault or FaultInjection.from_env(), storage, run_name)
 
 
-def check_resumable(task: TrainTask, storage: str, run_name: str) -> None:
-    """Refuse, on the driver and before any worker starts, to resume a run that trained another model.
-
-    The run's newest ``epoch_*`` checkpoint holds the identity it was trained with (the workers check it again).
-
-    Raises:
-        TrainingError: naming both identities and the fix.
-    """
+def _stored_epochs(storage: str, run_name: str) -> tuple[Any, str, list[str]]:
+    """``(filesystem, run path inside it, sorted epoch_* checkpoint names)`` of a run (none when it does not exist)."""
     run = fsio.join(storage, run_name)
     fs, inner = fsio.filesystem(run)
     try:
         names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False)]
     except FileNotFoundError:
-        return
-    epochs = sorted(n for n in names if n.startswith("epoch_"))
-    if not epochs:
-        return
+        names = []
+    return fs, inner.rstrip("/"), sorted(n for n in names if n.startswith("epoch_"))
+
+
+def _read_stored_state(fs: Any, path: str) -> dict[str, Any] | None:
+    """A checkpoint's state, or None when it is absent or unreadable (an epoch Ray has not finished writing)."""
     try:
-        with fs.open(f"{inner.rstrip('/')}/{epochs[-1]}/{STATE_FILE}", "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        with fs.open(path, "rb") as f:
+            return dict(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True))
     except FileNotFoundError:
-        return  # an epoch Ray has not finished writing: the workers decide
+        return None
+    except Exception:  # a truncated upload: Ray resumes from its own record instead
+        return None
+
+
+def check_resumable(task: TrainTask, storage: str, run_name: str) -> dict[str, Any] | None:
+    """Refuse, on the driver and before any worker starts, to resume a run that trained another model.
+
+    The run's newest ``epoch_*`` checkpoint holds the identity it was trained with (the workers check it again).
+
+    Returns:
+        that newest checkpoint's state when it could be read (its ``epoch``, ``history``, ...), else None.
+
+    Raises:
+        TrainingError: naming both identities and the fix.
+    """
+    fs, inner, epochs = _stored_epochs(storage, run_name)
+    if not epochs:
+        return None
+    state = _read_stored_state(fs, f"{inner}/{epochs[-1]}/{STATE_FILE}")
+    if state is None:
+        return None  # the workers decide
     if state.get("identity") != task.identity():
         raise TrainingError(
-            f"run {run} holds {state.get('identity')}; this config asks for {task.identity()}: set the run name "
-            "(or another --out) to start a new run"
+            f"run {fsio.join(storage, run_name)} holds {state.get('identity')}; this config asks for "
+            f"{task.identity()}: set the run name (or another --out) to start a new run"
         )
+    return state
 
 
-def _fit(task: TrainTask, out: str, fault: FaultInjection | None, default_name: str) -> TrainResult:
+def _best_of(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch with the highest score (the earliest of equal scores)."""
+    return max(history, key=lambda m: (m["score"], -m["epoch"]))
+
+
+def _reexport(task: TrainTask, out: str, storage: str, run_name: str, latest: dict[str, Any]) -> TrainResult:
+    """Export a run that has trained every epoch, from its stored checkpoints (no Ray, no trainer)."""
+    history: list[dict[str, Any]] = list(latest["history"])
+    best = _best_of(history)
+    best_state: dict[str, Any] | None = latest
+    if best["epoch"] != latest["epoch"]:
+        fs, inner, _ = _stored_epochs(storage, run_name)
+        best_state = _read_stored_state(fs, f"{inner}/epoch_{int(best['epoch']):04d}/{STATE_FILE}")
+        if best_state is None:
+            raise RuntimeError(
+                f"training run {storage}/{run_name}: the checkpoint of the best epoch {best['epoch']} is gone; "
+                "raise num_to_keep"
+            )
+    say(
+        f"[{task.name}] run {run_name!r} in {storage} has trained all {len(history)} epoch(s): exporting its best "
+        f"epoch {int(best['epoch']) + 1} (nothing to train)"
+    )
+    files = task.export(best_state, best, history, out, {"run": f"{storage}/{run_name}", "wall_time_s": 0.0})
+    return TrainResult(
+        out=out,
+        history=history,
+        best_epoch=int(best["epoch"]),
+        best_metrics=best,
+        start_epoch=len(history),
+        starts=[int(s["epoch"]) for s in latest["starts"]],
+        wall_time_s=0.0,
+        storage_path=storage,
+        run_name=run_name,
+        files=files,
+    )
+
+
+def _fit(task: TrainTask, out: str, fault: FaultInjection | None, storage: str, run_name: str) -> TrainResult:
     loop = task.loop
     # "auto" becomes what the cluster has, in the section itself: the run, its description and the exported config
     # all see the value the run used.
     section = getattr(loop, "SECTION", task.name)
     loop.use_gpu = worker_gpus(section, loop.num_workers, loop.use_gpu, cluster_resources(), ray_can_grow())
-    storage, run_name = resolve_run(task.loop, out, default_name)
-    check_resumable(task, storage, run_name)
     invocation = uuid.uuid4().hex
     datasets = task.datasets()
     say(f"[{task.name}] {task.describe()}; run {run_name!r} in {storage}")
@@ -496,7 +554,7 @@ def _fit(task: TrainTask, out: str, fault: FaultInjection | None, default_name: 
         raise RuntimeError(f"training run {storage}/{run_name} finished without a checkpoint")
     latest = _load_state(result.checkpoint)
     history: list[dict[str, Any]] = list(latest["history"])
-    best = max(history, key=lambda m: (m["score"], -m["epoch"]))
+    best = _best_of(history)
     best_state = latest
     if best["epoch"] != latest["epoch"]:
         candidates = [c for c, m in (result.best_checkpoints or []) if m.get("epoch") == best["epoch"]]
