@@ -8,6 +8,7 @@ registry (:mod:`chexseg_dist.core.registry`), so an unknown name fails before an
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -68,6 +69,114 @@ class Section:
 
     def validate(self) -> None:
         """Section-specific checks (override); raise :class:`ConfigError` naming the field."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields by name: the section's own first (in declaration order), then those of its shared bases
+        (:class:`TrainRunFields`, :class:`AugmentFields`, :class:`ActorPoolFields`), as a resolved config lists them."""
+        values = dataclasses.asdict(self)  # type: ignore[call-overload]
+        own = [name for name in inspect.get_annotations(type(self)) if name in values]
+        return {name: values[name] for name in [*own, *(n for n in values if n not in own)]}
+
+
+@dataclass
+class TrainRunFields(Section):
+    """The Ray Train run fields every training section shares with the loop
+    (:class:`~chexseg_dist.train._loop.LoopSettings`); each section sets its own defaults where they differ."""
+
+    epochs: int = 5
+    num_workers: int = 1
+    """Ray Train workers (processes); one GPU each when use_gpu."""
+    use_gpu: bool | str = False
+    """true, false, or auto: GPUs when the Ray cluster has one per worker when the run starts (said on the console)."""
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0
+    """Intra-op torch threads per CPU worker; 0 = max(1, int(cpus_per_worker)). More threads than CPUs requested lets
+    the model use cores that the data tasks leave idle (small machines)."""
+    decode_cpus: float = 1.0
+    """CPUs per Ray Data read/decode task (leave room next to the training workers)."""
+    seed: int = 0
+    max_failures: int = 2
+    """Ray Train FailureConfig: worker-group restarts before the run fails."""
+    run_name: str = ""
+    """Ray Train run name under the storage path; empty = derived from the output checkpoint path."""
+    storage_path: str = ""
+    """Ray Train storage (local dir, NFS or s3://); empty = <out>.ray next to the output checkpoint."""
+    num_to_keep: int = 2
+    """Ray Train checkpoints kept, best by the run's score (Ray also keeps the latest, for resuming)."""
+    log_every_steps: int = 20
+    """Progress line from rank 0 every this many steps (0 = only per epoch)."""
+
+    def validate_run(self) -> None:
+        """The shared fields' checks (each section's validate calls it)."""
+        sec = self.SECTION
+        check_gpu_choice(sec, "use_gpu", self.use_gpu)
+        for name in ("epochs", "num_workers", "cpus_per_worker", "decode_cpus", "num_to_keep"):
+            _check_positive(sec, name, getattr(self, name))
+        for name in ("torch_threads", "max_failures", "log_every_steps"):
+            _check_positive(sec, name, getattr(self, name), allow_zero=True)
+
+
+@dataclass
+class AugmentFields(Section):
+    """Training-time augmentation (small affine, brightness/contrast; no flip by default), shared by the classifier
+    and the student (``train/augment.py``)."""
+
+    augment: bool = False
+    aug_rotate_deg: float = 7.0
+    """Augmentation: rotation drawn uniformly in +-this many degrees."""
+    aug_scale: float = 0.1
+    """Augmentation: isotropic scale drawn uniformly in 1 +- this."""
+    aug_translate: float = 0.05
+    """Augmentation: translation drawn uniformly in +-this fraction of the frame side, per axis."""
+    aug_brightness: float = 0.1
+    """Augmentation: brightness gain drawn uniformly in 1 +- this (black stays black)."""
+    aug_contrast: float = 0.1
+    """Augmentation: contrast as a gamma exp(u), u uniform in +-this (black and white stay fixed)."""
+    hflip: bool = False
+    """Random horizontal flips; off by default because chest anatomy is lateralised (heart on the left)."""
+
+    def validate_augment(self) -> None:
+        sec = self.SECTION
+        for name in ("aug_rotate_deg", "aug_translate", "aug_brightness", "aug_contrast"):
+            _check_positive(sec, name, getattr(self, name), allow_zero=True)
+        _check_range(sec, "aug_scale", self.aug_scale, 0.0, 1.0, hi_open=True)
+
+
+@dataclass
+class ActorPoolFields(Section):
+    """A Ray Data job's decode tasks and fixed pool of model actors (``pseudolabel``, ``segment``)."""
+
+    batch_size: int = 16
+    """Images per model batch inside an actor."""
+    num_actors: int = 1
+    """Fixed size of the model actor pool."""
+    gpus_per_actor: float | str = 0.0
+    """GPUs per model actor; 0 runs on CPU; auto: one per actor when the Ray cluster has that many GPUs when the
+    job starts, a share of them when it has fewer, CPUs when it has none (said on the console)."""
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 0
+    """Intra-op torch threads per CPU actor; 0 = max(1, int(cpus_per_actor)). More threads than CPUs requested lets
+    the model use cores that decode tasks leave idle (small machines)."""
+    decode_cpus: float = 1.0
+    """CPUs per read/decode/letterbox task (kept apart from the model actors)."""
+    images_per_decode_task: int = 256
+    """Images per read/decode task: enough to amortise Ray's per-task overhead (tens of ms on a busy node), few
+    enough to stream (256 frames of 320 px are a 26 MB block)."""
+    decode_memory_mb: float = 256.0
+    """Memory reserved per decode task (Ray logical resource; a 3000x3000 16-bit decode peaks near 200 MB)."""
+    frontal_only: bool = True
+    """Skip lateral views (pseudo-masks and the student are defined for frontal radiographs); unknown views are
+    kept."""
+    progress_interval_s: float = 10.0
+    """Seconds between progress lines (images done/total, images/s)."""
+
+    def validate_pool(self) -> None:
+        sec = self.SECTION
+        names = ("batch_size", "num_actors", "cpus_per_actor", "decode_cpus", "images_per_decode_task")
+        for name in (*names, "decode_memory_mb", "progress_interval_s"):
+            _check_positive(sec, name, getattr(self, name))
+        check_gpu_choice(sec, "gpus_per_actor", self.gpus_per_actor)
+        _check_positive(sec, "torch_threads", self.torch_threads, allow_zero=True)
 
 
 @dataclass
@@ -138,7 +247,7 @@ class ClassifierConfig(Section):
 
 
 @dataclass
-class TrainClassifierConfig(Section):
+class TrainClassifierConfig(TrainRunFields, AugmentFields):
     """Data-parallel classifier training with Ray Train (``chexseg train-classifier``)."""
 
     SECTION: ClassVar[str] = "train_classifier"
@@ -148,14 +257,6 @@ class TrainClassifierConfig(Section):
     """Per-worker batch size."""
     lr: float = 2e-3
     weight_decay: float = 1e-5
-    num_workers: int = 1
-    """Ray Train workers (processes); one GPU each when use_gpu."""
-    use_gpu: bool | str = False
-    """true, false, or auto: GPUs when the Ray cluster has one per worker when the run starts (said on the console)."""
-    cpus_per_worker: float = 1.0
-    torch_threads: int = 0
-    """Intra-op torch threads per CPU worker; 0 = max(1, int(cpus_per_worker)). More threads than CPUs requested lets
-    the model use cores that the data tasks leave idle (small machines)."""
     uncertain_policy: str = "ones"
     """Uncertain (-1) labels: ones (U-Ones), zeros (U-Zeros) or ignore (U-Ignore, masked out of the loss)."""
     blank_policy: str = "negative"
@@ -163,77 +264,29 @@ class TrainClassifierConfig(Section):
     frontal_only: bool = True
     augment: bool = True
     """Small affine and brightness/contrast jitter; never a horizontal flip (anatomy is lateralised)."""
-    seed: int = 0
-    max_failures: int = 2
-    """Ray Train FailureConfig: worker-group restarts before the run fails."""
-    run_name: str = ""
-    """Ray Train run name under the storage path; empty = derived from the output checkpoint path."""
-    storage_path: str = ""
-    """Ray Train storage (local dir, NFS or s3://); empty = <out>.ray next to the output checkpoint."""
     lr_schedule: str = "cosine"
     """Learning-rate schedule over all steps: cosine (to 0) or constant."""
-    num_to_keep: int = 2
-    """Ray Train checkpoints kept, best by mean task AUROC (Ray also keeps the latest, for resuming)."""
-    decode_cpus: float = 1.0
-    """CPUs per Ray Data read/decode/letterbox task (leave room next to the training workers)."""
-    log_every_steps: int = 20
-    """Progress line from rank 0 every this many steps (0 = only per epoch)."""
-    aug_rotate_deg: float = 7.0
-    """Augmentation: rotation drawn uniformly in +-this many degrees."""
-    aug_scale: float = 0.1
-    """Augmentation: isotropic scale drawn uniformly in 1 +- this."""
-    aug_translate: float = 0.05
-    """Augmentation: translation drawn uniformly in +-this fraction of the frame side, per axis."""
-    aug_brightness: float = 0.1
-    """Augmentation: brightness gain drawn uniformly in 1 +- this (black stays black)."""
-    aug_contrast: float = 0.1
-    """Augmentation: contrast as a gamma exp(u), u uniform in +-this (black and white stay fixed)."""
-    hflip: bool = False
-    """Random horizontal flips; off by default because chest anatomy is lateralised (heart on the left)."""
     preserve_order: bool = False
     """Deliver the rows in the order of the seeded per-epoch shuffle (Ray Data's ``preserve_order``) instead of as
     decode tasks finish: with one worker, a run is then reproducible bit for bit wherever the data live (local disk
     or S3). Costs some throughput (a slow decode task holds back the ones behind it)."""
 
     def validate(self) -> None:
-        check_gpu_choice("train_classifier", "use_gpu", self.use_gpu)
+        self.validate_run()
+        self.validate_augment()
         UNCERTAIN_POLICIES.check(self.uncertain_policy, "train_classifier.uncertain_policy")
         SCHEDULES.check(self.lr_schedule, "train_classifier.lr_schedule")
-        for name in ("num_to_keep", "decode_cpus"):
-            _check_positive("train_classifier", name, getattr(self, name))
-        for name in ("log_every_steps", "aug_rotate_deg", "aug_translate", "aug_brightness", "aug_contrast"):
-            _check_positive("train_classifier", name, getattr(self, name), allow_zero=True)
-        if not 0.0 <= self.aug_scale < 1.0:
-            raise ConfigError(f"config train_classifier.aug_scale={self.aug_scale} must be in [0, 1)")
         BLANK_POLICIES.check(self.blank_policy, "train_classifier.blank_policy")
-        _check_positive("train_classifier", "torch_threads", self.torch_threads, allow_zero=True)
-        for name in ("epochs", "batch_size", "num_workers", "lr", "cpus_per_worker"):
+        for name in ("batch_size", "lr"):
             _check_positive("train_classifier", name, getattr(self, name))
-        _check_positive("train_classifier", "max_failures", self.max_failures, allow_zero=True)
 
 
 @dataclass
-class PseudolabelConfig(Section):
+class PseudolabelConfig(ActorPoolFields):
     """The pseudo-labelling job: Ray Data, classifier actors, Zarr store (``chexseg pseudolabel``)."""
 
     SECTION: ClassVar[str] = "pseudolabel"
 
-    batch_size: int = 16
-    """Images per model batch inside an actor."""
-    num_actors: int = 1
-    """Fixed size of the classifier actor pool."""
-    gpus_per_actor: float | str = 0.0
-    """GPUs per classifier actor; 0 runs on CPU; auto: one per actor when the Ray cluster has that many GPUs when the
-    job starts, a share of them when it has fewer, CPUs when it has none (said on the console)."""
-    cpus_per_actor: float = 1.0
-    torch_threads: int = 0
-    """Intra-op torch threads per CPU classifier actor; 0 = max(1, int(cpus_per_actor)). More threads than CPUs
-    requested lets the model use cores that decode tasks leave idle (small machines)."""
-    decode_cpus: float = 1.0
-    """CPUs per read/decode/letterbox task (kept apart from the model actors)."""
-    images_per_decode_task: int = 256
-    """Images per read/decode task: enough to amortise Ray's per-task overhead (tens of ms on a busy node), few
-    enough to stream (256 frames of 320 px are a 26 MB block)."""
     precision: str = "fp32"
     """fp32, or bf16: the classifier's forward and Grad-CAM's backward under bf16 autocast (on GPUs with channels-last
     weights; also runs on CPUs). Recorded in the store: a store is resumed only at its own precision."""
@@ -244,14 +297,8 @@ class PseudolabelConfig(Section):
     decode tasks' worth decoding and the model take turns instead of overlapping."""
     images_per_chunk: int = 256
     """Images per Zarr chunk along the image axis, and rows per staged fragment; only the committer writes chunks."""
-    frontal_only: bool = True
-    """Skip lateral views (Grad-CAM pseudo-masks are defined for frontal radiographs); unknown views are kept."""
-    decode_memory_mb: float = 256.0
-    """Memory reserved per decode task (Ray logical resource; a 3000x3000 16-bit decode peaks near 200 MB)."""
     commit_interval_s: float = 30.0
     """Seconds between the driver's commits of staged fragments into the store (the store fills as the job runs)."""
-    progress_interval_s: float = 10.0
-    """Seconds between progress lines (images done/total, images/s)."""
     lock_stale_s: float = 120.0
     """A store lock whose heartbeat is older than this belongs to a dead job and is taken over."""
     retry_failed: bool = False
@@ -260,22 +307,9 @@ class PseudolabelConfig(Section):
     """Most write tasks staging fragments at once (each a worker process); raise it only for slow object stores."""
 
     def validate(self) -> None:
-        for name in (
-            "batch_size",
-            "num_actors",
-            "cpus_per_actor",
-            "decode_cpus",
-            "images_per_chunk",
-            "decode_memory_mb",
-            "commit_interval_s",
-            "progress_interval_s",
-            "lock_stale_s",
-            "write_concurrency",
-            "images_per_decode_task",
-        ):
+        self.validate_pool()
+        for name in ("images_per_chunk", "commit_interval_s", "lock_stale_s", "write_concurrency"):
             _check_positive("pseudolabel", name, getattr(self, name))
-        check_gpu_choice("pseudolabel", "gpus_per_actor", self.gpus_per_actor)
-        _check_positive("pseudolabel", "torch_threads", self.torch_threads, allow_zero=True)
         _check_positive("pseudolabel", "max_queued_frames", self.max_queued_frames, allow_zero=True)
         PRECISIONS.check(self.precision, "pseudolabel.precision")
 
@@ -412,7 +446,7 @@ class SegmentationConfig(Section):
 
 
 @dataclass
-class TrainSegmentationConfig(Section):
+class TrainSegmentationConfig(TrainRunFields, AugmentFields):
     """Training the student with Ray Train on expert and pseudo-labelled samples (``chexseg train-segmentation``)."""
 
     SECTION: ClassVar[str] = "train_segmentation"
@@ -455,60 +489,24 @@ class TrainSegmentationConfig(Section):
     """Share of the expert patients held out for model selection (expert-select; the paper's 40 of 187)."""
     threshold_steps: int = 20
     """Output thresholds tuned on expert-select over t = k / threshold_steps (per pathology, full-mode IoU)."""
-    seed: int = 0
-    num_workers: int = 1
-    """Ray Train workers (processes); one GPU each when use_gpu."""
-    use_gpu: bool | str = False
-    """true, false, or auto: GPUs when the Ray cluster has one per worker when the run starts (said on the console)."""
     amp: bool = True
     """bf16 autocast on GPU workers (ignored on CPU)."""
-    cpus_per_worker: float = 1.0
-    torch_threads: int = 0
-    """Intra-op torch threads per CPU worker; 0 = max(1, int(cpus_per_worker)). More threads than CPUs requested lets
-    the model use cores that the data tasks leave idle (small machines)."""
-    max_failures: int = 2
-    """Ray Train FailureConfig: worker-group restarts before the run fails."""
-    run_name: str = ""
-    """Ray Train run name under the storage path; empty = derived from the output checkpoint path."""
-    storage_path: str = ""
-    """Ray Train storage (local dir, NFS or s3://); empty = <out>.ray next to the output checkpoint."""
-    num_to_keep: int = 2
-    """Ray Train checkpoints kept, best by the expert-select score (Ray also keeps the latest, for resuming)."""
-    decode_cpus: float = 1.0
-    """CPUs per Ray Data read/decode task (frames and pseudo-masks)."""
-    log_every_steps: int = 20
-    """Progress line from rank 0 every this many steps (0 = only per epoch)."""
     augment: bool = False
     """Joint image and mask augmentation (small affine, brightness/contrast); off, as in the paper."""
-    aug_rotate_deg: float = 7.0
-    aug_scale: float = 0.1
-    aug_translate: float = 0.05
-    aug_brightness: float = 0.1
-    aug_contrast: float = 0.1
-    hflip: bool = False
 
     def validate(self) -> None:
-        check_gpu_choice("train_segmentation", "use_gpu", self.use_gpu)
+        self.validate_run()
+        self.validate_augment()
         sec = "train_segmentation"
         TRAINING_MODES.check(self.mode, f"{sec}.mode")
         MIXING_POLICIES.check(self.mixing, f"{sec}.mixing")
         SEGMENTATION_LOSSES.check(self.loss, f"{sec}.loss")
         _check_range(sec, "expert_ratio", self.expert_ratio, 0.0, 1.0)
         _check_range(sec, "select_fraction", self.select_fraction, 0.0, 1.0, hi_open=True)
-        for name in ("batch_size", "lr", "epochs", "num_workers", "cpus_per_worker", "num_to_keep", "decode_cpus"):
+        for name in ("batch_size", "lr"):
             _check_positive(sec, name, getattr(self, name))
-        for name in (
-            "steps_per_epoch",
-            "expert_weight",
-            "pseudo_weight",
-            "max_failures",
-            "log_every_steps",
-            "torch_threads",
-        ):
+        for name in ("steps_per_epoch", "expert_weight", "pseudo_weight"):
             _check_positive(sec, name, getattr(self, name), allow_zero=True)
-        for name in ("aug_rotate_deg", "aug_translate", "aug_brightness", "aug_contrast"):
-            _check_positive(sec, name, getattr(self, name), allow_zero=True)
-        _check_range(sec, "aug_scale", self.aug_scale, 0.0, 1.0, hi_open=True)
         _check_positive(sec, "distill_temperature", self.distill_temperature)
         _check_positive(sec, "threshold_steps", self.threshold_steps)
         if self.mode == "semi" and self.expert_ratio in (0.0, 1.0):
@@ -520,50 +518,22 @@ class TrainSegmentationConfig(Section):
 
 
 @dataclass
-class SegmentConfig(Section):
+class SegmentConfig(ActorPoolFields):
     """Predicting with a trained student (``chexseg segment``): a Ray Data job, model actors, CheXlocalize JSON out."""
 
     SECTION: ClassVar[str] = "segment"
 
-    batch_size: int = 16
-    """Images per model batch inside an actor."""
-    num_actors: int = 1
-    """Fixed size of the model actor pool."""
-    gpus_per_actor: float | str = 0.0
-    """GPUs per model actor; 0 runs on CPU; auto: as pseudolabel.gpus_per_actor."""
-    cpus_per_actor: float = 1.0
-    torch_threads: int = 0
-    """Intra-op torch threads per CPU actor; 0 = max(1, int(cpus_per_actor))."""
     amp: bool = True
     """bf16 autocast on GPU actors (ignored on CPU)."""
-    decode_cpus: float = 1.0
-    """CPUs per read/decode task and per mask-encoding task."""
     images_per_decode_task: int = 64
-    """Images per read/decode task."""
-    decode_memory_mb: float = 256.0
-    """Memory reserved per decode task (Ray logical resource)."""
-    frontal_only: bool = True
-    """Skip lateral views (the student is trained on frontal radiographs); unknown views are kept."""
-    progress_interval_s: float = 10.0
-    """Seconds between progress lines."""
+    """Images per read/decode task (and per mask-encoding task)."""
 
     def validate(self) -> None:
-        for name in (
-            "batch_size",
-            "num_actors",
-            "cpus_per_actor",
-            "decode_cpus",
-            "images_per_decode_task",
-            "decode_memory_mb",
-            "progress_interval_s",
-        ):
-            _check_positive("segment", name, getattr(self, name))
-        check_gpu_choice("segment", "gpus_per_actor", self.gpus_per_actor)
-        _check_positive("segment", "torch_threads", self.torch_threads, allow_zero=True)
+        self.validate_pool()
 
 
 @dataclass
-class TrainAffinityConfig(Section):
+class TrainAffinityConfig(TrainRunFields):
     """Training the inter-pixel affinity network with Ray Train on CRF seeds of a store (``chexseg train-affinity``).
 
     Frames are the student's (``segmentation.image_size``): the network refines masks in that frame only."""
@@ -580,29 +550,11 @@ class TrainAffinityConfig(Section):
     """Training pairs: cells (4 frame pixels each) within this radius (IRNet's: 10 on larger frames)."""
     valid_fraction: float = 0.05
     """Share of the store's images (by id hash) held out: the epoch's score is minus their mean loss."""
-    num_workers: int = 1
-    use_gpu: bool | str = False
-    """true, false, or auto (as train_classifier.use_gpu)."""
-    cpus_per_worker: float = 1.0
-    torch_threads: int = 0
-    """Intra-op torch threads per CPU worker; 0 = max(1, int(cpus_per_worker))."""
-    decode_cpus: float = 1.0
-    """CPUs per Ray Data task (read the chunk, decode, CRF seeds)."""
-    seed: int = 0
-    max_failures: int = 2
-    run_name: str = ""
-    storage_path: str = ""
-    """Ray Train storage (local dir, NFS or s3://); empty = <out>.ray next to the output checkpoint."""
-    num_to_keep: int = 2
-    log_every_steps: int = 20
 
     def validate(self) -> None:
-        check_gpu_choice("train_affinity", "use_gpu", self.use_gpu)
-        for name in ("epochs", "batch_size", "lr", "width", "radius", "num_workers", "cpus_per_worker", "decode_cpus"):
+        self.validate_run()
+        for name in ("batch_size", "lr", "width", "radius"):
             _check_positive("train_affinity", name, getattr(self, name))
-        for name in ("torch_threads", "max_failures", "log_every_steps"):
-            _check_positive("train_affinity", name, getattr(self, name), allow_zero=True)
-        _check_positive("train_affinity", "num_to_keep", self.num_to_keep)
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError(f"config train_affinity.valid_fraction={self.valid_fraction!r} must be in (0, 1)")
 
@@ -624,4 +576,8 @@ class Config:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, Section) else value
+        return out

@@ -35,7 +35,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -56,8 +56,10 @@ FAIL_ONCE_ENV = "CHEXSEG_FAIL_ONCE_MARKER"
 
 
 class LoopSettings(Protocol):
-    """The fields a task's config section shares with the loop (``train_classifier`` and the student's section)."""
+    """The fields a task's config section shares with the loop (:class:`~chexseg_dist.config.sections.TrainRunFields`
+    of ``train_classifier``, ``train_segmentation`` and ``train_affinity``)."""
 
+    SECTION: ClassVar[str]
     epochs: int
     num_workers: int
     use_gpu: bool | str
@@ -118,6 +120,8 @@ class TrainTask(ABC):
     loop: LoopSettings
     #: The datasets streamed in equal shares to the workers (``streaming_split``); the others reach every worker whole.
     split_datasets: tuple[str, ...] = ("train",)
+    #: Deliver rows in the datasets' own order (Ray Data's ``preserve_order``): a reproducible run, some throughput.
+    preserve_order: bool = False
 
     # ---------------------------------------------------------------- driver
     @abstractmethod
@@ -501,15 +505,16 @@ def _reexport(task: TrainTask, out: str, storage: str, run_name: str, latest: di
     """Export a run that has trained every epoch, from its stored checkpoints (no Ray, no trainer)."""
     history: list[dict[str, Any]] = list(latest["history"])
     best = _best_of(history)
-    best_state: dict[str, Any] | None = latest
+    best_state = latest
     if best["epoch"] != latest["epoch"]:
         fs, inner, _ = _stored_epochs(storage, run_name)
-        best_state = _read_stored_state(fs, f"{inner}/epoch_{int(best['epoch']):04d}/{STATE_FILE}")
-        if best_state is None:
+        stored = _read_stored_state(fs, f"{inner}/epoch_{int(best['epoch']):04d}/{STATE_FILE}")
+        if stored is None:
             raise RuntimeError(
                 f"training run {storage}/{run_name}: the checkpoint of the best epoch {best['epoch']} is gone; "
                 "raise num_to_keep"
             )
+        best_state = stored
     say(
         f"[{task.name}] run {run_name!r} in {storage} has trained all {len(history)} epoch(s): exporting its best "
         f"epoch {int(best['epoch']) + 1} (nothing to train)"
@@ -533,8 +538,7 @@ def _fit(task: TrainTask, out: str, fault: FaultInjection | None, storage: str, 
     loop = task.loop
     # "auto" becomes what the cluster has, in the section itself: the run, its description and the exported config
     # all see the value the run used.
-    section = getattr(loop, "SECTION", task.name)
-    loop.use_gpu = worker_gpus(section, loop.num_workers, loop.use_gpu, cluster_resources(), ray_can_grow())
+    loop.use_gpu = worker_gpus(loop.SECTION, loop.num_workers, loop.use_gpu, cluster_resources(), ray_can_grow())
     invocation = uuid.uuid4().hex
     datasets = task.datasets()
     say(f"[{task.name}] {task.describe()}; run {run_name!r} in {storage}")
@@ -615,7 +619,7 @@ def _train(
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=list(task.split_datasets), execution_options=_execution_options(loop)
+            datasets_to_split=list(task.split_datasets), execution_options=_execution_options(task.preserve_order)
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -629,12 +633,12 @@ def _train(
     return trainer.fit()
 
 
-def _execution_options(loop: LoopSettings) -> Any:
-    """Ray Data's execution options for the run's datasets: the defaults, with ``preserve_order`` when the section
-    asks for it (``train_classifier.preserve_order``: rows in the seeded shuffle's order, a reproducible run)."""
+def _execution_options(preserve_order: bool) -> Any:
+    """Ray Data's execution options for the run's datasets: the defaults, with ``preserve_order`` when the task asks
+    for it (``train_classifier.preserve_order``: rows in the seeded shuffle's order, a reproducible run)."""
     from ray.train import DataConfig
 
-    if not getattr(loop, "preserve_order", False):
+    if not preserve_order:
         return None
     options = DataConfig.default_ingest_options()
     options.preserve_order = True

@@ -138,6 +138,7 @@ class ClassifierTask(TrainTask):
         self.cfg = cfg
         self.tc = cfg.train_classifier
         self.loop = self.tc
+        self.preserve_order = self.tc.preserve_order
         self.arch, self.image_size = cfg.classifier.arch, cfg.classifier.image_size
         self.train_manifest, self.valid_manifest = train_manifest, valid_manifest
         self.failures_dir, self.run_id = failures_dir, run_id
@@ -176,7 +177,7 @@ class ClassifierTask(TrainTask):
             ds = with_decode_stage(
                 ds, self.image_size, tc.decode_cpus, failures_dir=failures, run_id=self.run_id, batch_size=DECODE_BATCH
             ).map_batches(
-                label_targets,  # type: ignore[arg-type]
+                label_targets,
                 fn_kwargs={
                     # Valid AUROC is computed on certain labels only, whatever the training policy.
                     "uncertain_policy": tc.uncertain_policy if what == "train" else "ignore",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ DEBUG_WEIGHTS = "model.pt"
 class DebugLoopConfig:
     """The loop's settings (:class:`~chexseg_dist.train._loop.LoopSettings`) and the debug task's own."""
 
-    SECTION = "train_debug"
+    SECTION: ClassVar[str] = "train_debug"
 
     epochs: int = 2
     num_workers: int = 1
@@ -60,12 +60,12 @@ class DebugTask(TrainTask):
     name = "train-debug"
 
     def __init__(self, loop: DebugLoopConfig) -> None:
-        self.loop = loop
+        self.loop = self.cfg = loop
 
     def _rows(self, n: int, seed: int) -> list[dict[str, Any]]:
         rng = np.random.default_rng(seed)
-        w = np.random.default_rng(1234).normal(size=self.loop.features).astype(np.float32)
-        x = rng.normal(size=(n, self.loop.features)).astype(np.float32)
+        w = np.random.default_rng(1234).normal(size=self.cfg.features).astype(np.float32)
+        x = rng.normal(size=(n, self.cfg.features)).astype(np.float32)
         y = x @ w
         return [{"x": x[i], "y": np.float32(y[i]), "image_id": f"row{i:04d}"} for i in range(n)]
 
@@ -77,12 +77,12 @@ class DebugTask(TrainTask):
         import ray.data
 
         return {
-            "train": ray.data.from_items(self._rows(self.loop.n_rows, self.loop.seed)),
-            "valid": ray.data.from_items(self._rows(16, self.loop.seed + 1)),
+            "train": ray.data.from_items(self._rows(self.cfg.n_rows, self.cfg.seed)),
+            "valid": ray.data.from_items(self._rows(16, self.cfg.seed + 1)),
         }
 
     def identity(self) -> dict[str, Any]:
-        return {"task": "debug", "features": self.loop.features}
+        return {"task": "debug", "features": self.cfg.features}
 
     def export(
         self, state: Mapping[str, Any], best: Mapping[str, Any], history: list[dict[str, Any]], out: str, extra: dict
@@ -95,14 +95,14 @@ class DebugTask(TrainTask):
 
     # ---------------------------------------------------------------- worker
     def steps_per_epoch(self, world: int) -> int:
-        return max(1, self.loop.n_rows // world // self.loop.batch_size)
+        return max(1, self.cfg.n_rows // world // self.cfg.batch_size)
 
     def build(self, steps_per_epoch: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
-        model = nn.Linear(self.loop.features, 1)
-        return model, torch.optim.SGD(model.parameters(), lr=self.loop.lr), None
+        model = nn.Linear(self.cfg.features, 1)
+        return model, torch.optim.SGD(model.parameters(), lr=self.cfg.lr), None
 
     def train_batches(self, shards: Mapping[str, Any], ctx: WorkerContext) -> Iterator[Any]:
-        return iter(shards["train"].iter_batches(batch_size=self.loop.batch_size, batch_format="numpy"))
+        return iter(shards["train"].iter_batches(batch_size=self.cfg.batch_size, batch_format="numpy"))
 
     def train_step(self, model: nn.Module, batch: Any, ctx: WorkerContext) -> StepResult:
         x = torch.from_numpy(np.asarray(batch["x"], dtype=np.float32)).to(ctx.device)
@@ -119,7 +119,7 @@ class DebugTask(TrainTask):
         model.eval()
         with torch.no_grad():
             mse = float(nn.functional.mse_loss(model(x).squeeze(1), y))
-        scores = self.loop.scores
+        scores = self.cfg.scores
         return {"valid_mse": mse, "score": float(scores[ctx.epoch]) if ctx.epoch < len(scores) else -mse}
 
 

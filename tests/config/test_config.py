@@ -103,3 +103,15 @@ def test_torch_threads_default_follows_the_cpu_request_and_tiny_uses_both_cores(
     assert load_config("tiny").pseudolabel.torch_threads == 2
     with pytest.raises(ValueError, match="torch_threads"):
         load_config("tiny", None, ["pseudolabel.torch_threads=-1"])
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_and_a_resolved_config_of_release_0_1_0_load_unchanged(preset: str, tmp_path: Path) -> None:
+    # The sections share bases now (Ray Train run fields, augmentation, actor pools): the YAML keys and every value
+    # stay as they were, and a config.yaml written by 0.1.0 (with its run record) loads to the same settings.
+    old = Path(__file__).parent / "data" / f"resolved-{preset}-0.1.0.yaml"
+    expected = yaml.safe_load(old.read_text())
+    assert load_config(preset).to_dict() == expected
+    saved = tmp_path / "config.yaml"
+    saved.write_text(old.read_text() + "run:\n  run: /runs/classifier\n  wall_time_s: 12.5\n")
+    assert load_config(preset, saved).to_dict() == expected
