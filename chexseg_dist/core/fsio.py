@@ -84,7 +84,7 @@ def open_file(path: str, mode: str = "rb", **kwargs: Any) -> AbstractContextMana
         return _atomic_remote(path, mode, **kwargs) if is_uri(path) else _atomic_local(_local(path), mode, **kwargs)
     if "a" in mode and not is_uri(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    return _named_call(path, lambda: fsspec.open(path, mode, **kwargs).open())  # type: ignore[no-any-return]
+    return _named_call(path, lambda: fsspec.open(path, mode, **kwargs).open())
 
 
 def _named_call(path: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -487,7 +487,7 @@ def create_refiner(cfg: MasksConfig, tuned: TunedThresholds | None = None) -> Re
         return CrfRefiner(crf_params(cfg))
     if cls is NoRefiner:
         return NoRefiner()
-    return cls.from_config(cfg, tuned)  # type: ignore[attr-defined,no-any-return]  # plug-ins
+    return cls.from_config(cfg, tuned)  # type: ignore[attr-defined]  # plug-ins
 
 
 def crf_params(cfg: MasksConfig) -> CrfParams:

@@ -161,7 +161,7 @@ class FeaturesReluHead(SplitClassifier):
     classifier: nn.Linear
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.features(self.normalize(x))  # type: ignore[no-any-return]
+        return self.features(self.normalize(x))
 
     def forward_head(self, act: Tensor) -> Tensor:
         return gap_linear(act, self.classifier, relu=True)

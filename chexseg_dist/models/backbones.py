@@ -76,7 +76,7 @@ class ResNetClassifier(SplitClassifier, ResNet):
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # type: ignore[no-any-return]
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_head(self, act: Tensor) -> Tensor:
         return gap_linear(act, self.fc, relu=False)

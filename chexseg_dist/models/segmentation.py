@@ -84,7 +84,7 @@ class SegmentationModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, num_classes, S, S]`` for frames ``[B, 1, S, S]`` float in ``[0, 1]`` (S a multiple of 32)."""
-        return self.net(self.normalize(x))  # type: ignore[no-any-return]
+        return self.net(self.normalize(x))
 
 
 def create_segmentation(arch: str, encoder: str, num_classes: int = N_TASKS, **kw: Any) -> SegmentationModel:

@@ -133,7 +133,7 @@ def build_dataset(images: pa.Table, sc: SegmentConfig, checkpoint: str, image_si
         num_gpus=float(sc.gpus_per_actor),
     )
     return ds.map_batches(
-        encode_predictions,  # type: ignore[arg-type]
+        encode_predictions,
         fn_kwargs={"thresholds": [float(v) for v in thresholds]},
         batch_size=sc.batch_size,
         batch_format="numpy",

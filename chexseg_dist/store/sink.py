@@ -109,7 +109,7 @@ class Committer:
             self._thread = None
 
 
-class FragmentSink(Datasink):  # type: ignore[misc]
+class FragmentSink(Datasink):
     """Ray Data Datasink: each write task stages its rows as one fragment; the driver commits them per chunk.
 
     Lifecycle: ``on_write_start`` (driver) creates the staging area; ``write`` (parallel tasks) writes one immutable

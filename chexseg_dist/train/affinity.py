@@ -182,7 +182,7 @@ class AffinityTask(TrainTask):
             if what == "train":
                 ds = ds.randomize_block_order()
             ds = ds.map_batches(
-                read_chunk,  # type: ignore[arg-type]
+                read_chunk,
                 fn_kwargs={"store_uri": self.pseudo_store},
                 batch_format="numpy",
                 batch_size=None,
@@ -195,7 +195,7 @@ class AffinityTask(TrainTask):
             # Seeds are the same every epoch and cost two CRFs per (image, positive pathology): computed once, kept
             # in Ray's object store (frame + seeds: ~26 KB per image at 128 px) and streamed from there each epoch.
             out[what] = ds.map_batches(
-                affinity_seeds,  # type: ignore[arg-type]
+                affinity_seeds,
                 fn_kwargs={"masks": asdict(self.cfg.masks)},
                 batch_format="numpy",
                 batch_size=DECODE_BATCH,

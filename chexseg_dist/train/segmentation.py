@@ -382,7 +382,7 @@ class SegmentationTask(TrainTask):
         ds: Any = ray.data.from_arrow(blocks)
         cpus = self.ts.decode_cpus
         return self._decoded(ds, split).map_batches(
-            _expert_rows,  # type: ignore[arg-type]
+            _expert_rows,
             batch_format="numpy",
             batch_size=DECODE_BATCH,
             num_cpus=cpus,
@@ -395,14 +395,14 @@ class SegmentationTask(TrainTask):
         cpus = self.ts.decode_cpus
         ds: Any = ray.data.from_arrow(share).randomize_block_order()
         ds = ds.map_batches(
-            read_chunk,  # type: ignore[arg-type]
+            read_chunk,
             fn_kwargs={"store_uri": self._pseudo.store, "refined_key": self.refined_key},
             batch_format="numpy",
             batch_size=None,  # one task per chunk: a chunk is read once
             num_cpus=cpus,
         )
         return self._decoded(ds, "pseudo").map_batches(
-            pseudo_targets,  # type: ignore[arg-type]
+            pseudo_targets,
             fn_kwargs={"maker": self.maker, "ignore_uncertain": self.ts.ignore_uncertain},
             batch_format="numpy",
             batch_size=DECODE_BATCH,
