@@ -84,16 +84,28 @@ class Fragment:
 
     @staticmethod
     def from_bytes(data: bytes, source: str) -> Fragment:
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                rows = EncodedRows(**{k: z[f"rows_{k}"] for k in EncodedRows.__dataclass_fields__})
-                failures = Failure(**{k: z[f"fail_{k}"] for k in Failure.__dataclass_fields__})
-                return Fragment(rows=rows, failures=failures, run_id=str(z["run_id"]))
-        except Exception as exc:
-            raise StoreError(
-                f"staging fragment {source} is unreadable ({type(exc).__name__}: {exc}); delete it and re-run "
-                "(its rows are computed again)"
-            ) from None
+        for attempt in range(3):
+            try:
+                with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                    rows = EncodedRows(**{k: z[f"rows_{k}"] for k in EncodedRows.__dataclass_fields__})
+                    failures = Failure(**{k: z[f"fail_{k}"] for k in Failure.__dataclass_fields__})
+                    return Fragment(rows=rows, failures=failures, run_id=str(z["run_id"]))
+            except SystemError as exc:
+                # numpy parses each .npy header with ast.literal_eval, and CPython 3.11 can raise a spurious
+                # "AST constructor recursion depth mismatch" when another thread builds an AST at the same time
+                # (python/cpython#106905; seen here while Ray's threads ran): the same bytes parse on a retry.
+                if "recursion depth mismatch" not in str(exc) or attempt == 2:
+                    raise _unreadable(source, exc) from None
+            except Exception as exc:
+                raise _unreadable(source, exc) from None
+        raise AssertionError("unreachable")
+
+
+def _unreadable(source: str, exc: BaseException) -> StoreError:
+    return StoreError(
+        f"staging fragment {source} is unreadable ({type(exc).__name__}: {exc}); delete it and re-run (its rows are "
+        "computed again)"
+    )
 
 
 def fragment_name(run_id: str, n_rows: int) -> str:
