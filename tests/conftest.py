@@ -135,3 +135,32 @@ def ray_cluster(s3_server: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def student_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The student's miniature world (phantom splits, manifests, a done map store of train), made once per session
+    and only read by the tests that share it (outputs go to each test's own tmp_path)."""
+    from student_helpers import make_world
+
+    return make_world(tmp_path_factory.mktemp("student_world"))
+
+
+@pytest.fixture(scope="session")
+def cxp_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny CheXpert-format tree with two unreadable train images (cxp_helpers.tiny_cxp), made once per session and
+    only read by the tests that share it."""
+    from cxp_helpers import tiny_cxp
+
+    return tiny_cxp(tmp_path_factory.mktemp("cxp"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the Ray cluster or the S3 server is marked so, whatever its decorators say: ``make
+    test-fast`` (``-m "not cluster and not s3 and not slow"``) never starts either."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "ray_cluster" in fixtures:
+            item.add_marker(pytest.mark.cluster)
+        if fixtures & {"s3_server", "s3_bucket", "s3_auth_server"}:
+            item.add_marker(pytest.mark.s3)

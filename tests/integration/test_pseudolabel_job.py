@@ -413,10 +413,15 @@ def test_an_impossible_pool_on_a_ray_started_in_this_process_is_refused(
     from chexseg_dist.core.ray_env import ray_can_grow
 
     assert ray_can_grow() is False  # the fixture's ray.init(num_cpus=2) is a single node started here
-    with pytest.raises(InputError, match=r"num_actors=10000 .* decode_cpus"):
-        run_pseudolabel(
-            tiny_cfg("pseudolabel.num_actors=10000"), corpus["manifest"], corpus["checkpoint"], str(tmp_path / "m.zarr")
-        )
+    # Twice: the first refusal released the store's lock, so the same message comes back, not "locked".
+    for _ in range(2):
+        with pytest.raises(InputError, match=r"num_actors=10000 .* decode_cpus"):
+            run_pseudolabel(
+                tiny_cfg("pseudolabel.num_actors=10000"),
+                corpus["manifest"],
+                corpus["checkpoint"],
+                str(tmp_path / "m.zarr"),
+            )
 
 
 @pytest.mark.cluster
@@ -428,25 +433,25 @@ def test_a_local_job_whose_actors_leave_no_cpu_for_decoding_stops_with_a_message
     cmd = [sys.executable, str(REPO / "jobs" / "pseudolabel.py"), "--manifest", corpus["manifest"]]
     cmd += ["--checkpoint", corpus["checkpoint"], "--store", store, "--set", "pseudolabel.num_actors=10000"]
     try:
-        first = subprocess.run(cmd, env=job_env(ray_tmp), capture_output=True, text=True, timeout=240)
-        # Again: the first run released its store lock, so the same message comes back, not "locked".
-        second = subprocess.run(cmd, env=job_env(ray_tmp), capture_output=True, text=True, timeout=240)
+        out = subprocess.run(cmd, env=job_env(ray_tmp), capture_output=True, text=True, timeout=240)
     finally:
         kill_session_processes(str(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    for out in (first, second):
-        assert out.returncode == 2, out.stderr[-3000:]
-        message = out.stderr.strip().splitlines()[-1]
-        assert "num_actors=10000" in message and "decode_cpus" in message, message
+    # The job's own Ray: exit status 2 and one line (the lock's release is checked in-process, above).
+    assert out.returncode == 2, out.stderr[-3000:]
+    message = out.stderr.strip().splitlines()[-1]
+    assert "num_actors=10000" in message and "decode_cpus" in message, message
     assert not MapStore.open(store).done().any()
 
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_killed_job_resumes_to_the_same_store(ray_cluster: None, tmp_path: Path) -> None:
-    """SIGKILL a running job after some rows are committed; the rerun, started at once, takes over the dead job's
-    lock (same host, process gone; its heartbeat is still fresh), finishes only the rest, and the store equals an
-    uninterrupted run's store image by image."""
+def test_killed_job_resumes_to_the_same_store(
+    ray_cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGKILL a running job (its own process and Ray) after some rows are committed; the rerun, started at once in
+    this process, takes over the dead job's lock (same host, process gone; its heartbeat is still fresh), finishes
+    only the rest, and the store equals an uninterrupted run's store image by image."""
     write_corpus(tmp_path / "images", 160, seed=11)
     manifest = make_manifest(tmp_path / "images", tmp_path / "m.parquet")
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=3)
@@ -494,22 +499,18 @@ def test_killed_job_resumes_to_the_same_store(ray_cluster: None, tmp_path: Path)
     at_kill = MapStore.open(store).done()
     assert 16 <= at_kill.sum() < 160
 
-    out = subprocess.run(
-        [*cmd, "--store", store, *cfg_args], env=job_env(ray_tmp), capture_output=True, text=True, timeout=300
-    )
-    kill_session_processes(str(ray_tmp))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "taking over the lock of job" in out.stdout and "its process on this host is gone" in out.stdout
-    last = out.stdout.strip().splitlines()[-1]
-    processed = int(last.split("processed ")[1].split(",")[0])
-    skipped = int(last.split("skipped ")[1].split(" ")[0])
-    assert processed + skipped == 160 and skipped >= at_kill.sum() and processed <= 160 - at_kill.sum(), last
-    assert MapStore.open(store).done().all() and list_fragments(store) == []
-
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    reference = str(tmp_path / "reference.zarr")
+    capsys.readouterr()
     cfg = load_config("tiny", None, sets)
+    resumed = run_pseudolabel(cfg, manifest, ckpt, store)
+    console = capsys.readouterr().out
+    assert "taking over the lock of job" in console and "its process on this host is gone" in console
+    processed, skipped = resumed.processed, resumed.skipped
+    assert processed + skipped == 160 and skipped >= at_kill.sum() and processed <= 160 - at_kill.sum()
+    assert MapStore.open(store).done().all() and list_fragments(store) == []
+
+    reference = str(tmp_path / "reference.zarr")
     run_pseudolabel(cfg, manifest, ckpt, reference)
     assert_stores_identical(store, reference)
 

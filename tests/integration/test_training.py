@@ -1,5 +1,7 @@
-"""Classifier training on a real local Ray cluster: resume, round trip into pseudo-labelling, retry after a killed
-worker, and the per-image failure records of the shared decode stage."""
+"""Classifier training on a real local Ray cluster: what the classifier task owns (AUROC, the per-image failure
+records of the shared decode stage, its checkpoint's round trip into pseudo-labelling, its identity). The loop's own
+properties (resume, the fault drill and its retry, best-epoch export, re-export) are proved once with the debug task
+in tests/train/test_loop_cluster.py."""
 
 from __future__ import annotations
 
@@ -11,19 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cxp_helpers import tiny_cxp
 from PIL import Image
 
 from chexseg_dist.config import load_config
 from chexseg_dist.core.pathologies import OBSERVATIONS, TASKS
 from chexseg_dist.data import frame_from_bytes
 from chexseg_dist.errors import TrainingError
-from chexseg_dist.train import FaultInjection
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return tiny_cxp(tmp_path_factory.mktemp("cxp"))
+def data(cxp_world: dict[str, str]) -> dict[str, str]:
+    return cxp_world
 
 
 SMALL = [
@@ -36,31 +36,19 @@ SMALL = [
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_resume_continues_at_next_epoch_and_round_trips(
+def test_a_trained_classifier_learns_records_left_out_images_and_round_trips(
     ray_cluster: None, data: dict[str, str], tmp_path: Path
 ) -> None:
     from chexseg_dist.saliency.classifier import load_classifier, predict_with_cams
     from chexseg_dist.train.classifier import train_classifier
 
     out = str(tmp_path / "ckpt")
-    first = train_classifier(
-        load_config("tiny", overrides=[*SMALL, "train_classifier.epochs=1"]),
-        data["train"],
-        data["valid"],
-        out,
-        verbose=False,
-    )
-    assert first.start_epoch == 0 and [m["epoch"] for m in first.history] == [0]
     cfg = load_config("tiny", overrides=[*SMALL, "train_classifier.epochs=2"])
-    second = train_classifier(cfg, data["train"], data["valid"], out, verbose=False)
-    assert second.start_epoch == 1
-    assert [m["epoch"] for m in second.history] == [0, 1]
-    assert second.starts == [0, 1]
-    # The first epoch's numbers survive the resumption unchanged.
-    assert second.history[0]["train_loss"] == first.history[0]["train_loss"]
+    result = train_classifier(cfg, data["train"], data["valid"], out, verbose=False)
+    assert result.start_epoch == 0 and [m["epoch"] for m in result.history] == [0, 1]
     # 2 undecodable train images were left out and recorded, never trained on.
-    assert all(m["failed_images"] == 2 and m["train_images"] == 38 for m in second.history)
-    assert all(m["valid_images"] == 16 for m in second.history)
+    assert all(m["failed_images"] == 2 and m["train_images"] == 38 for m in result.history)
+    assert all(m["valid_images"] == 16 for m in result.history)
     with open(tmp_path / "ckpt" / "failures.csv") as f:
         failed = list(csv.DictReader(f))
     assert sorted((r["split"], int(r["row"])) for r in failed) == [("train", 0), ("train", 1)]
@@ -68,29 +56,30 @@ def test_resume_continues_at_next_epoch_and_round_trips(
 
     saved = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())
     assert [m["epoch"] for m in saved["epochs"]] == [0, 1]
-    assert saved["best_epoch"] == second.best_epoch
+    assert saved["best_epoch"] == result.best_epoch
     assert (tmp_path / "ckpt" / "metrics.csv").read_text().count("\n") == 3
     assert "train_classifier" in (tmp_path / "ckpt" / "config.yaml").read_text()
 
     loaded = load_classifier(out)
     meta = loaded.meta
-    assert meta["metrics"]["epoch"] == second.best_epoch
-    assert meta["metrics"]["mean_task_auroc"] == pytest.approx(second.best_metrics["mean_task_auroc"])
+    assert meta["metrics"]["epoch"] == result.best_epoch
+    assert meta["metrics"]["mean_task_auroc"] == pytest.approx(result.best_metrics["mean_task_auroc"])
     assert set(meta["metrics"]["per_task_auroc"]) == set(TASKS)
     assert meta["config"]["train_classifier"]["epochs"] == 2 and meta["image_size"] == 32
     # The disk that marks Cardiomegaly is easy: the classifier must have learnt it.
-    assert second.best_metrics["auroc/Cardiomegaly"] > 0.8
+    assert result.best_metrics["auroc/Cardiomegaly"] > 0.8
 
     frames = torch.from_numpy(np.stack([frame_from_bytes(_png(i), 32)[0] for i in range(3)]))[:, None]
     probs, cams = predict_with_cams(loaded, frames)
     assert probs.shape == (3, len(OBSERVATIONS)) and cams.shape[:2] == (3, len(OBSERVATIONS))
     assert bool(torch.isfinite(cams).all()) and float(cams.min()) >= 0.0
 
-    # A third run with the same epochs has nothing left to train: it re-exports the same best epoch.
+    # A re-run with the same epochs has nothing left to train: it re-exports the same best epoch (no trainer).
     third = train_classifier(cfg, data["train"], data["valid"], out, verbose=False)
-    assert third.start_epoch == 2 and third.best_epoch == second.best_epoch and len(third.history) == 2
+    assert third.start_epoch == 2 and third.best_epoch == result.best_epoch and len(third.history) == 2
+    assert load_classifier(out).meta["fingerprint"] == meta["fingerprint"]
 
-    # A run of another model into the same run: refused inside the worker, and the user sees that error, not Ray's.
+    # A run of another classifier into the same run: refused (on the driver), naming the frame sizes.
     other = load_config("tiny", overrides=[*SMALL, "classifier.image_size=48", "train_classifier.max_failures=0"])
     with pytest.raises(TrainingError, match=r"holds .*'image_size': 32.*asks for .*'image_size': 48"):
         train_classifier(other, data["train"], data["valid"], out, verbose=False)
@@ -106,20 +95,3 @@ def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 48), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.mark.cluster
-def test_a_killed_worker_without_retries_ends_the_run_with_an_error_naming_it(
-    ray_cluster: None, data: dict[str, str], tmp_path: Path
-) -> None:
-    """The retried case, where FailureConfig brings the run back, is the job test in test_commands.py."""
-    from chexseg_dist.train.classifier import train_classifier
-
-    marker = tmp_path / "failed"
-    cfg = load_config("tiny", overrides=[*SMALL, "train_classifier.epochs=1", "train_classifier.max_failures=0"])
-    with pytest.raises(RuntimeError, match=r"training run .*ckpt\.ray/ckpt failed"):
-        train_classifier(
-            cfg, data["train"], data["valid"], str(tmp_path / "ckpt"), fault=FaultInjection(str(marker), epoch=0)
-        )
-    assert "killed rank 0 at epoch index 0" in marker.read_text()
-    assert not (tmp_path / "ckpt" / "checkpoint.json").exists()

@@ -78,9 +78,10 @@ def test_the_key_of_an_existing_recipe_is_unchanged() -> None:
         "model_fingerprint": "m",
     }
     assert refine_spec(masks, None, True, 64, "m") == old
-    assert spec_key(refine_spec(masks, None, True, 64, "m")) == hashlib.sha256(
-        json.dumps(old, sort_keys=True).encode()
-    ).hexdigest()[:16]
+    assert (
+        spec_key(refine_spec(masks, None, True, 64, "m"))
+        == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    )
 
 
 def test_the_recipe_reads_thresholds_from_the_config_as_the_maker_does(tmp_path: Path) -> None:

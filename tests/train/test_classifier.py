@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cxp_helpers import CARDIO, tiny_cxp
+from cxp_helpers import CARDIO
 from PIL import Image
 
 from chexseg_dist.config import TrainClassifierConfig, load_config
@@ -21,8 +21,8 @@ from chexseg_dist.train.classifier import BATCH_DTYPES, label_targets, masked_bc
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return tiny_cxp(tmp_path_factory.mktemp("cxp"))
+def data(cxp_world: dict[str, str]) -> dict[str, str]:
+    return cxp_world
 
 
 # -------------------------------------------------------------------------------------------- without Ray

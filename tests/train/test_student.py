@@ -12,7 +12,7 @@ import pytest
 import torch
 from cli_helpers import refused
 from PIL import Image
-from student_helpers import SMALL_STUDENT, make_world, write_random_store
+from student_helpers import SMALL_STUDENT, write_random_store
 
 from chexseg_dist.config import load_config
 from chexseg_dist.core.geometry import Letterbox
@@ -36,8 +36,8 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return make_world(tmp_path_factory.mktemp("student"))
+def world(student_world: dict[str, str]) -> dict[str, str]:
+    return student_world
 
 
 def inputs(world: dict[str, str], **kw: object) -> StudentInputs:
