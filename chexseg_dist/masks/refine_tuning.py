@@ -20,7 +20,8 @@ from chexseg_dist.config import MasksConfig
 from chexseg_dist.core.pathologies import N_TASKS, TASKS
 from chexseg_dist.errors import InputError
 from chexseg_dist.masks.maps import content_window, normalise_maps, upsample_maps
-from chexseg_dist.masks.tuning import TuningTable, binned_histogram, gated_keep, threshold_grid
+from chexseg_dist.masks.tuning import TuningTable, binned_histogram, gated_keep
+from chexseg_dist.metrics.sweep import threshold_grid
 
 
 def tune_fg_fractions(

@@ -47,17 +47,13 @@ from chexseg_dist.masks.gating import gate, task_values
 from chexseg_dist.masks.maps import is_constant, map_extrema, map_range
 from chexseg_dist.masks.thresholds import TunedThresholds
 from chexseg_dist.metrics.segmentation import kept_pairs, pair_iou
+from chexseg_dist.metrics.sweep import SweepCounts, ThresholdSweep, threshold_grid
 
 log = logging.getLogger(__name__)
 
 
 #: Rows per block in the binning loop: the block's buffers of a 2800-column radiograph stay in the CPU cache.
 BLOCK_ROWS = 16
-
-
-def threshold_grid(steps: int) -> np.ndarray:
-    """``[steps + 1]`` float64 thresholds ``k / steps`` (correctly rounded, as a JSON round trip keeps them)."""
-    return np.array([k / steps for k in range(steps + 1)], dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------- one pass
@@ -166,6 +162,12 @@ class TuningTable:
     pred: np.ndarray
     probs: np.ndarray
     grid: np.ndarray
+
+    @classmethod
+    def from_sweep(cls, counts: SweepCounts, probs: np.ndarray) -> TuningTable:
+        """The table of a :class:`~chexseg_dist.metrics.sweep.ThresholdSweep`'s counts (rows sorted by image id,
+        ``probs [N, 10]`` in that order)."""
+        return cls(counts.image_ids, counts.gt_area, counts.inter, counts.pred, probs, counts.grid)
 
     def iou(self) -> np.ndarray:
         """``[N, 10, K + 1]`` IoU (0 where the union is empty)."""
@@ -302,26 +304,15 @@ def build_table(
     n = len(ids)
     keep = np.ones((n, N_TASKS), dtype=bool) if label_keep is None else np.asarray(label_keep, dtype=bool)
     probs = np.full((n, N_TASKS), np.nan)
-    gt_area = np.zeros((n, N_TASKS), dtype=np.int64)
-    inter = np.zeros((n, N_TASKS, steps + 1), dtype=np.int64)
-    pred = np.zeros((n, N_TASKS, steps + 1), dtype=np.int64)
     digest = hashlib.sha256("\n".join(ids).encode())
     jobs = _jobs(store, gt, ids, keep, steps, probs, digest, gt_source)
-    position = {image_id: i for i, image_id in enumerate(ids)}
     pixels = sum(int(gt[i][TASKS[0]]["size"][0]) * int(gt[i][TASKS[0]]["size"][1]) for i in ids)
     if pixels < IN_PROCESS_PIXELS:
         workers = 1  # starting processes would cost more than it saves
-    _collect(process_map(_image_job, jobs, workers), position, gt_area, inter, pred)
-    table = TuningTable(ids, gt_area, inter, pred, probs, threshold_grid(steps))
-    return table, digest.hexdigest()
-
-
-def _collect(
-    results: Iterator[Any], position: dict[str, int], gt_area: np.ndarray, inter: np.ndarray, pred: np.ndarray
-) -> None:
-    for image_id, area, i_counts, p_counts in results:
-        i = position[image_id]
-        gt_area[i], inter[i], pred[i] = area, i_counts, p_counts
+    sweep = ThresholdSweep(steps)
+    for image_id, area, i_counts, p_counts in process_map(_image_job, jobs, workers):
+        sweep.process_counts([image_id], area[None], i_counts[None], p_counts[None])
+    return TuningTable.from_sweep(sweep.evaluate(), probs), digest.hexdigest()
 
 
 def tune(

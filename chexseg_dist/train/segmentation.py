@@ -58,7 +58,8 @@ from chexseg_dist.data.manifest import read_manifest
 from chexseg_dist.errors import CheckpointError, ConfigError, InputError, TrainingError
 from chexseg_dist.masks.maker import MaskMaker
 from chexseg_dist.masks.recipe import student_maker, student_recipe
-from chexseg_dist.masks.tuning import TuningTable, threshold_grid
+from chexseg_dist.masks.tuning import TuningTable
+from chexseg_dist.metrics.sweep import SweepCounts, ThresholdSweep
 from chexseg_dist.models.checkpoint import read_meta
 from chexseg_dist.models.segmentation import (
     autocast,
@@ -147,42 +148,7 @@ def _collect(shard: Any, batch_size: int = 64) -> dict[str, np.ndarray]:
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
-def select_counts(
-    probs: np.ndarray, gt: np.ndarray, content: np.ndarray, steps: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Areas for every output threshold at once: ``gt_area [n, 10]``, ``inter`` and ``pred [n, 10, K + 1]``.
-
-    A pixel is predicted at threshold ``k / K`` when its probability ``p > k / K`` (the tuned binariser's rule:
-    the bin ``ceil(K * p)``, computed in float64, counts the grid thresholds strictly below ``p``); pixels outside the
-    letterbox content (``content`` False) are never predicted, as ``chexseg segment`` crops them away.
-
-    Args:
-        probs: ``[n, 10, S, S]`` float32 sigmoid outputs.
-        gt: ``[n, 10, S, S]`` expert masks in the same frame (nonzero = foreground).
-        content: ``[n, S, S]`` bool, the letterbox content of each frame.
-        steps: ``K``.
-    """
-    n = probs.shape[0]
-    nb = steps + 2
-    gt_area = np.zeros((n, N_TASKS), dtype=np.int64)
-    inter = np.zeros((n, N_TASKS, steps + 1), dtype=np.int64)
-    pred = np.zeros((n, N_TASKS, steps + 1), dtype=np.int64)
-    for i in range(n):
-        g = gt[i] != 0
-        bins = np.ceil(probs[i].astype(np.float64) * steps).astype(np.int64).clip(0, steps)
-        bins = np.where(content[i][None], bins, 0)
-        key = (np.arange(N_TASKS)[:, None, None] * 2 + g) * nb + bins
-        hist = np.bincount(key.ravel(), minlength=N_TASKS * 2 * nb).reshape(N_TASKS, 2, nb)
-        above = np.cumsum(hist[:, :, ::-1], axis=2)[:, :, ::-1]  # above[c, g, b]: pixels with bin >= b
-        inter[i] = above[:, 1, 1:]
-        pred[i] = above[:, 0, 1:] + above[:, 1, 1:]
-        gt_area[i] = g.sum(axis=(1, 2))
-    return gt_area, inter, pred
-
-
-def choose_output_thresholds(
-    image_ids: list[str], gt_area: np.ndarray, inter: np.ndarray, pred: np.ndarray, steps: int
-) -> dict[str, Any]:
+def choose_output_thresholds(counts: SweepCounts) -> dict[str, Any]:
     """Per-pathology output thresholds maximising full-mode mIoU (ties: smallest threshold), and the score.
 
     Returns:
@@ -190,14 +156,8 @@ def choose_output_thresholds(
         expert-select positive, which keeps :data:`FALLBACK_THRESHOLD`), ``positives`` [10] and ``score`` (the
         mean full-mode mIoU over the pathologies with a positive; -1 when there is none).
     """
-    table = TuningTable(
-        image_ids=image_ids,
-        gt_area=gt_area,
-        inter=inter,
-        pred=pred,
-        probs=np.zeros(gt_area.shape),
-        grid=threshold_grid(steps),
-    )
+    gt_area = counts.gt_area
+    table = TuningTable.from_sweep(counts, np.zeros(gt_area.shape))
     full, _ = table.miou_curve("full")
     tp, _ = table.miou_curve("tp_only")
     positives = (gt_area > 0).sum(axis=0)
@@ -631,8 +591,9 @@ class SegmentationTask(TrainTask):
         sel = self._select
         t0 = time.perf_counter()
         probs = predict_probs(model, sel["frame"], 2 * self.ts.batch_size, ctx.device, self.ts.amp)
-        counts = select_counts(probs, sel["masks"], Letterbox.content_masks(sel["letterbox"]), self.ts.threshold_steps)
-        chosen = choose_output_thresholds([str(i) for i in sel["image_id"]], *counts, self.ts.threshold_steps)
+        sweep = ThresholdSweep(self.ts.threshold_steps)
+        sweep.process([str(i) for i in sel["image_id"]], probs, sel["masks"], Letterbox.content_masks(sel["letterbox"]))
+        chosen = choose_output_thresholds(sweep.evaluate())
         metrics: dict[str, Any] = {
             "score": chosen["score"],
             "select_miou_full": chosen["score"],

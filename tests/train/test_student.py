@@ -25,12 +25,11 @@ from chexseg_dist.data.manifest import read_manifest
 from chexseg_dist.errors import AnnotationError, CheckpointError, ConfigError, InputError, StoreError
 from chexseg_dist.masks.gating import task_values
 from chexseg_dist.masks.maker import MaskMaker
-from chexseg_dist.metrics.segmentation import dense_pair_stats
 from chexseg_dist.models.segmentation import create_segmentation, save_segmentation
 from chexseg_dist.train._loop import WorkerContext
 from chexseg_dist.train.losses import distillation_loss
 from chexseg_dist.train.pseudo_set import load_pseudo_set, pseudo_targets, read_chunk
-from chexseg_dist.train.segmentation import SegmentationTask, StudentInputs, select_counts
+from chexseg_dist.train.segmentation import SegmentationTask, StudentInputs
 
 torch.set_num_threads(2)
 
@@ -183,23 +182,6 @@ def test_a_store_of_another_manifest_or_without_done_rows_is_refused(world: dict
     write_random_store(some, world["train"], 0, done=np.arange(n) % 2 == 0)
     partial = load_pseudo_set(some, world["train"])
     assert len(partial) == (n + 1) // 2 and partial.pending == n // 2
-
-
-# ------------------------------------------------------------------------------------------------ validation counts
-def test_output_threshold_counts_equal_dense_masks_at_every_threshold() -> None:
-    rng = np.random.default_rng(0)
-    probs = rng.uniform(size=(3, N_TASKS, 16, 16)).astype(np.float32)
-    probs[0, 0, 0, :4] = [0.25, 0.5, 0.75, 1.0]  # values on the grid: p > t is strict
-    gt = rng.uniform(size=(3, N_TASKS, 16, 16)) > 0.6
-    content = np.ones((3, 16, 16), dtype=bool)
-    content[1, :4] = False  # letterbox padding is never predicted
-    gt[1, :, :4] = False
-    steps = 4
-    gt_area, inter, pred = select_counts(probs, gt, content, steps)
-    for k in range(steps + 1):
-        dense = (probs > k / steps) & content[:, None]
-        g, p, i = dense_pair_stats(gt, dense)
-        assert np.array_equal(g, gt_area) and np.array_equal(p, pred[:, :, k]) and np.array_equal(i, inter[:, :, k])
 
 
 # ------------------------------------------------------------------------------------------------ distillation
