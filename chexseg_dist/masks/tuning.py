@@ -392,3 +392,41 @@ def describe(tuned: TunedThresholds) -> str:
             + ("" if info.get("tuned", False) else "  (not tuned: no positive expert mask)")
         )
     return "\n".join(lines)
+
+
+#: A student's output threshold for a pathology without an expert-select positive (nothing to choose it on).
+OUTPUT_FALLBACK_THRESHOLD = 0.5
+
+
+def choose_output_thresholds(counts: SweepCounts) -> dict[str, Any]:
+    """The student's per-pathology output thresholds on expert-select: the full-mode mIoU maximum (ties: the smallest
+    threshold) of each pathology's sweep, and the epoch's score.
+
+    Returns:
+        ``thresholds`` [10], ``miou_full`` [10] and ``miou_tp`` [10] at them (NaN for a pathology without an
+        expert-select positive, which keeps :data:`OUTPUT_FALLBACK_THRESHOLD`), ``positives`` [10] and ``score`` (the
+        mean full-mode mIoU over the pathologies with a positive; -1 when there is none).
+    """
+    gt_area = counts.gt_area
+    table = TuningTable.from_sweep(counts, np.zeros(gt_area.shape))
+    full, _ = table.miou_curve("full")
+    tp, _ = table.miou_curve("tp_only")
+    positives = (gt_area > 0).sum(axis=0)
+    thresholds = np.full(N_TASKS, OUTPUT_FALLBACK_THRESHOLD)
+    miou_full = np.full(N_TASKS, np.nan)
+    miou_tp = np.full(N_TASKS, np.nan)
+    for k in range(N_TASKS):
+        if positives[k] == 0:
+            continue
+        j = int(np.nanargmax(full[k]))  # gt-positive pairs are always kept in full mode: no all-NaN row
+        # A pathology with positives but no kept tp-only pair counts 0, as in the experiment's comparison metric.
+        thresholds[k], miou_full[k] = table.grid[j], full[k, j]
+        miou_tp[k] = tp[k, j] if np.isfinite(tp[k, j]) else 0.0
+    scored = miou_full[positives > 0]
+    return {
+        "thresholds": thresholds,
+        "miou_full": miou_full,
+        "miou_tp": miou_tp,
+        "positives": positives,
+        "score": float(scored.mean()) if scored.size else -1.0,
+    }

@@ -52,14 +52,13 @@ from chexseg_dist.core.geometry import Letterbox
 from chexseg_dist.core.pathologies import N_TASKS, TASKS
 from chexseg_dist.core.registry import MIXING_POLICIES, SEGMENTATION_LOSSES
 from chexseg_dist.core.runs import new_run_id
-from chexseg_dist.data.expert import ExpertSet, check_mask_sizes, expert_targets, load_expert_set
-from chexseg_dist.data.frames import with_decode_stage
+from chexseg_dist.data.expert import ExpertSet, check_mask_sizes, load_expert_set
 from chexseg_dist.data.manifest import read_manifest
 from chexseg_dist.errors import CheckpointError, ConfigError, InputError, TrainingError
 from chexseg_dist.masks.maker import MaskMaker
-from chexseg_dist.masks.recipe import student_maker, student_recipe
-from chexseg_dist.masks.tuning import TuningTable
-from chexseg_dist.metrics.sweep import SweepCounts, ThresholdSweep
+from chexseg_dist.masks.recipe import student_maker
+from chexseg_dist.masks.tuning import choose_output_thresholds
+from chexseg_dist.metrics.sweep import ThresholdSweep
 from chexseg_dist.models.checkpoint import read_meta
 from chexseg_dist.models.segmentation import (
     autocast,
@@ -85,7 +84,15 @@ from chexseg_dist.train._loop import (
 from chexseg_dist.train.augment import augment_pair
 from chexseg_dist.train.losses import distillation_loss
 from chexseg_dist.train.mixing import ExpertPool, RowStream
-from chexseg_dist.train.pseudo_set import PseudoSet, check_disjoint, load_pseudo_set, pseudo_targets, read_chunk
+from chexseg_dist.train.pseudo_set import PseudoSet, check_disjoint, load_pseudo_set
+from chexseg_dist.train.student_data import (
+    collect_shard,
+    expert_dataset,
+    pseudo_dataset,
+    refined_key_for,
+    step_batch,
+)
+from chexseg_dist.train.student_report import effective_ratio, format_summary
 
 #: Which sources a mode draws training rows from: (expert-train, pseudo-labelled).
 SOURCES: dict[str, tuple[bool, bool]] = {
@@ -96,17 +103,11 @@ SOURCES: dict[str, tuple[bool, bool]] = {
 }
 #: Where decode failures are recorded, one table per manifest-and-role (``<run>/failures/<split>``).
 FAILURE_SPLITS = ("expert_train", "expert_select", "pseudo")
-#: Expert manifest rows per Ray Data block before decoding.
-EXPERT_ROWS_PER_BLOCK = 32
-#: Images per decode batch inside a Ray Data task.
-DECODE_BATCH = 16
 #: Rows per batch a worker pulls from its pseudo stream, and its local shuffle buffer.
 STREAM_BATCH = 32
 SHUFFLE_BUFFER = 256
 #: Metric prefix of the per-epoch histogram of expert rows per batch (``experts_per_batch/<k>``: batches).
 HISTOGRAM = "experts_per_batch/"
-#: Output threshold for a pathology without an expert-select positive (nothing to choose it on).
-FALLBACK_THRESHOLD = 0.5
 
 
 @dataclass
@@ -134,51 +135,6 @@ class StudentInputs:
 
 def _patients(table: pa.Table) -> set[str]:
     return {str(p) for p in table.column("patient_id").to_pylist()}
-
-
-def _collect(shard: Any, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """A whole (small) dataset shard in memory, column -> array."""
-    parts: list[dict[str, np.ndarray]] = [
-        {k: np.asarray(v) for k, v in batch.items()}
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy")
-    ]
-    parts = [p for p in parts if p and len(next(iter(p.values())))]
-    if not parts:
-        return {}
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-
-
-def choose_output_thresholds(counts: SweepCounts) -> dict[str, Any]:
-    """Per-pathology output thresholds maximising full-mode mIoU (ties: smallest threshold), and the score.
-
-    Returns:
-        ``thresholds`` [10], ``miou_full`` [10] and ``miou_tp`` [10] at them (NaN for a pathology without an
-        expert-select positive, which keeps :data:`FALLBACK_THRESHOLD`), ``positives`` [10] and ``score`` (the
-        mean full-mode mIoU over the pathologies with a positive; -1 when there is none).
-    """
-    gt_area = counts.gt_area
-    table = TuningTable.from_sweep(counts, np.zeros(gt_area.shape))
-    full, _ = table.miou_curve("full")
-    tp, _ = table.miou_curve("tp_only")
-    positives = (gt_area > 0).sum(axis=0)
-    thresholds = np.full(N_TASKS, FALLBACK_THRESHOLD)
-    miou_full = np.full(N_TASKS, np.nan)
-    miou_tp = np.full(N_TASKS, np.nan)
-    for k in range(N_TASKS):
-        if positives[k] == 0:
-            continue
-        j = int(np.nanargmax(full[k]))  # gt-positive pairs are always kept in full mode: no all-NaN row
-        # A pathology with positives but no kept tp-only pair counts 0, as in the experiment's comparison metric.
-        thresholds[k], miou_full[k] = table.grid[j], full[k, j]
-        miou_tp[k] = tp[k, j] if np.isfinite(tp[k, j]) else 0.0
-    scored = miou_full[positives > 0]
-    return {
-        "thresholds": thresholds,
-        "miou_full": miou_full,
-        "miou_tp": miou_tp,
-        "positives": positives,
-        "score": float(scored.mean()) if scored.size else -1.0,
-    }
 
 
 class SegmentationTask(TrainTask):
@@ -263,7 +219,7 @@ class SegmentationTask(TrainTask):
         if self.uses_pseudo:
             self._pseudo = load_pseudo_set(inputs.pseudo_store, inputs.pseudo_manifest)
             if self.maker is not None and self.maker.refines:
-                self.refined_key = self._refined_key(self._pseudo)
+                self.refined_key = refined_key_for(self.cfg, inputs.thresholds or None, self._pseudo, self.name)
             groups["pseudo"] = _patients(self._pseudo.rows)
             self.n_pseudo = len(self._pseudo)
             self.pseudo_failed, self.pseudo_pending = self._pseudo.failed, self._pseudo.pending
@@ -319,81 +275,24 @@ class SegmentationTask(TrainTask):
                 out[f"pseudo_{rank}"] = self._pseudo_dataset(share)
         return out
 
-    def _decoded(self, ds: Any, split: str) -> Any:
-        """``ds`` through the decode stage at the student's size, failures recorded under ``split``."""
-        failures = fsio.join(self.failures_dir, split)
-        return with_decode_stage(
-            ds,
-            self.model_cfg.image_size,
-            self.ts.decode_cpus,
-            failures_dir=failures,
-            run_id=self.run_id,
-            batch_size=DECODE_BATCH,
-        )
-
     def _expert_dataset(self, table: pa.Table, split: str) -> Any:
-        import ray.data
-
-        columns = ["row", "image_id", "path", "masks_json"]
-        blocks = [
-            table.select(columns).slice(i, EXPERT_ROWS_PER_BLOCK)
-            for i in range(0, table.num_rows, EXPERT_ROWS_PER_BLOCK)
-        ]
-        ds: Any = ray.data.from_arrow(blocks)
-        cpus = self.ts.decode_cpus
-        return self._decoded(ds, split).map_batches(
-            _expert_rows,
-            batch_format="numpy",
-            batch_size=DECODE_BATCH,
-            num_cpus=cpus,
+        return expert_dataset(
+            table, self.model_cfg.image_size, self.ts.decode_cpus, fsio.join(self.failures_dir, split), self.run_id
         )
 
     def _pseudo_dataset(self, share: list[pa.Table]) -> Any:
-        import ray.data
-
         assert self._pseudo is not None
-        cpus = self.ts.decode_cpus
-        ds: Any = ray.data.from_arrow(share).randomize_block_order()
-        ds = ds.map_batches(
-            read_chunk,
-            fn_kwargs={"store_uri": self._pseudo.store, "refined_key": self.refined_key},
-            batch_format="numpy",
-            batch_size=None,  # one task per chunk: a chunk is read once
-            num_cpus=cpus,
+        return pseudo_dataset(
+            share,
+            self._pseudo.store,
+            self.refined_key,
+            self.maker,
+            self.ts.ignore_uncertain,
+            self.model_cfg.image_size,
+            self.ts.decode_cpus,
+            fsio.join(self.failures_dir, "pseudo"),
+            self.run_id,
         )
-        return self._decoded(ds, "pseudo").map_batches(
-            pseudo_targets,
-            fn_kwargs={"maker": self.maker, "ignore_uncertain": self.ts.ignore_uncertain},
-            batch_format="numpy",
-            batch_size=DECODE_BATCH,
-            num_cpus=cpus,
-        )
-
-    def _refined_key(self, pseudo: PseudoSet) -> str | None:
-        """The store's refined masks of this student's recipe when they cover the pseudo set, else None (the masks
-        are then refined on the fly, at a cost: the CRF slows the weak student ~5x on 2 cores)."""
-        from chexseg_dist.store.mapstore import MapStore
-        from chexseg_dist.store.refined import RefinedMasks
-
-        store = MapStore.open(pseudo.store)
-        key = student_recipe(self.cfg, self.inputs.thresholds or None, store).key
-        where = f"{store.uri}/refined/{key}"
-        if RefinedMasks.exists(store, key):
-            done = RefinedMasks.open(store, key).done()
-            slots = np.asarray(pseudo.rows.column("slot"), dtype=np.int64)
-            if done[slots].all():
-                say(f"[{self.name}] reading {self.cfg.masks.refiner}-refined pseudo-masks from {where}")
-                return key
-            say(
-                f"[{self.name}] note: {where} covers {int(done[slots].sum())} of {len(slots)} pseudo images; refining "
-                "on the fly (re-run chexseg refine to finish it)"
-            )
-            return None
-        say(
-            f"[{self.name}] note: no {self.cfg.masks.refiner}-refined masks of this recipe in {store.uri}; refining on "
-            "the fly (chexseg refine precomputes them once)"
-        )
-        return None
 
     def identity(self) -> dict[str, Any]:
         m = self.model_cfg
@@ -437,7 +336,7 @@ class SegmentationTask(TrainTask):
         model.load_state_dict(state["model"])
         metrics = dict(best)
         metrics["mode"] = self.ts.mode
-        metrics["expert_ratio_effective"] = _effective_ratio(history)
+        metrics["expert_ratio_effective"] = effective_ratio(history)
         thresholds = [best[f"threshold/{t}"] for t in TASKS]
         files = {"checkpoint": out, **write_history(out, metrics, history)}
         failures = write_failures(out, self.failures_dir, FAILURE_SPLITS)
@@ -475,7 +374,7 @@ class SegmentationTask(TrainTask):
     def _sources(self, shards: Mapping[str, Any], ctx: WorkerContext) -> None:
         """Build this worker's expert pool and pseudo stream on first use (they persist across epochs)."""
         if self.uses_expert and self._pool is None:
-            rows = _collect(shards["expert_train"])
+            rows = collect_shard(shards["expert_train"])
             if not rows:
                 raise TrainingError(
                     "no expert-train image could be read or decoded (the failures table names them); check the "
@@ -521,7 +420,7 @@ class SegmentationTask(TrainTask):
                 if "masks" in rows:
                     part["masks"] = rows["masks"]
                 parts.append(part)
-            yield _to_torch(parts, k, ctx.device)
+            yield step_batch(parts, k, ctx.device)
 
     def _teacher_on(self, device: torch.device) -> nn.Module:
         if self._teacher is None:
@@ -585,7 +484,7 @@ class SegmentationTask(TrainTask):
         if ctx.rank != 0:
             return {}
         if self._select is None:
-            self._select = _collect(shards["expert_select"])
+            self._select = collect_shard(shards["expert_select"])
             if not self._select:
                 raise TrainingError("no expert-select image could be read or decoded (the failures table names them)")
         sel = self._select
@@ -628,33 +527,6 @@ def _num(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def _effective_ratio(history: list[dict[str, Any]]) -> float:
-    e = sum(float(m.get("train_expert_rows", 0.0)) for m in history)
-    p = sum(float(m.get("train_pseudo_rows", 0.0)) for m in history)
-    return e / (e + p) if e + p else float("nan")
-
-
-def _expert_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data stage: the expert rows' frames and masks in the student's frame, with their letterboxes."""
-    out = expert_targets(batch)
-    out["letterbox"] = np.asarray(batch["letterbox"], dtype=np.int32)
-    return out
-
-
-def _to_torch(parts: list[dict[str, np.ndarray]], experts: int, device: torch.device) -> dict[str, Any]:
-    """One step's batch (expert rows first) as tensors on the worker's device."""
-    joined = {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if all(name in p for p in parts)}
-    batch: dict[str, Any] = {
-        "image": torch.from_numpy(np.ascontiguousarray(joined["frame"], dtype=np.uint8)).to(device),
-        "weights": torch.from_numpy(np.ascontiguousarray(joined["weights"], dtype=np.float32)).to(device),
-        "ids": [str(i) for i in joined["image_id"]],
-        "experts": experts,
-    }
-    if "masks" in joined:
-        batch["masks"] = torch.from_numpy(np.ascontiguousarray(joined["masks"], dtype=np.uint8)).to(device)
-    return batch
-
-
 def train_segmentation(
     cfg: Config, inputs: StudentInputs, out: str, *, fault: FaultInjection | None = None, verbose: bool = True
 ) -> TrainResult:
@@ -676,34 +548,3 @@ def train_segmentation(
     if verbose:
         say(format_summary(result, cfg.train_segmentation.mode))
     return result
-
-
-def format_summary(res: TrainResult, mode: str) -> str:
-    """The final table: per-pathology output threshold and expert-select mIoU of the best epoch, and wall time."""
-    best = res.best_metrics
-    width = max(len(t) for t in TASKS)
-    lines = [
-        "",
-        f"Segmentation student ({mode}): best epoch {res.best_epoch + 1} of {len(res.history)} "
-        f"(expert-select, {best['select_images']} images, full-mode mIoU in the student's frame)",
-        f"  {'pathology':<{width}}  threshold  mIoU full  positives",
-    ]
-    for task in TASKS:
-        iou = best.get(f"select_iou/{task}")
-        lines.append(
-            f"  {task:<{width}}  {best[f'threshold/{task}']:9.2f}  "
-            f"{'     –   ' if iou is None else f'{iou:9.4f}'}  {best[f'select_positives/{task}']:9d}"
-        )
-    lines.append(f"  {'mean (pathologies with a positive)':<{width}}  {'':9s}  {best['select_miou_full']:9.4f}")
-    share = _effective_ratio(res.history)
-    if mode == "semi":
-        lines.append(f"Effective expert share {share:.4f} over {len(res.history)} epoch(s).")
-    lines += [
-        f"Wall time {res.wall_time_s:.1f} s (this invocation; started at epoch {res.start_epoch + 1}).",
-        f"Checkpoint {res.out}; metrics {res.files.get('metrics_json', '')}; Ray run {res.storage_path}/{res.run_name}",
-    ]
-    if "failures" in res.files:
-        lines.append(
-            f"Images left out (unreadable): {best.get('failed_images', '?')}, listed in {res.files['failures']}"
-        )
-    return "\n".join(lines)
