@@ -12,6 +12,7 @@ from student_helpers import SMALL_STUDENT
 
 from chexseg_dist.config import load_config
 from chexseg_dist.core import fsio
+from chexseg_dist.evaluation.layout import ExperimentLayout
 from chexseg_dist.synth.writer import generate
 
 MINIATURE = [
@@ -42,6 +43,7 @@ def test_experiment_on_s3_runs_every_mode_end_to_end_and_reuses_finished_stages(
     fs.put(f"{local}/", f"{bucket}/data", recursive=True)
     before = sorted(tmp_path.rglob("*"))
     data, out = f"{s3_bucket}/data", f"{s3_bucket}/exp"
+    at = ExperimentLayout(data, out)
     argv = ["experiment", "--data", data, "--out", out, "--no-sensitivity", "--expert-sizes", "4,all"]
     argv += [arg for item in MINIATURE for arg in ("--set", item)]
     assert main(argv) == 0
@@ -50,7 +52,7 @@ def test_experiment_on_s3_runs_every_mode_end_to_end_and_reuses_finished_stages(
                 "train-segmentation --mode distill")  # fmt: skip
     for command in commands:
         assert f"$ chexseg {command}" in console, command
-    results = json.loads(_text(f"{out}/results.json"))
+    results = json.loads(_text(at.results_json))
     assert set(results["modes"]) == {"weak", "full", "semi", "distill"}
     scored = results["pathologies_scored"]
     assert scored and all(set(scored) <= set(row["pathologies"]) for row in results["modes"].values())
@@ -60,7 +62,7 @@ def test_experiment_on_s3_runs_every_mode_end_to_end_and_reuses_finished_stages(
         assert row["mean_miou"] == pytest.approx(sum(per) / len(per)), mode
         assert row["n_images"] == 10 and 0.0 <= row["mean_miou"] <= 1.0
         assert {"select_miou_full", "select_miou_tp", "epoch"} <= set(row["select"])
-        assert fsio.isfile(f"{out}/annotated/students/{mode}/segmentation.json")
+        assert fsio.isfile(f"{at.student('annotated', mode)}/segmentation.json")
     semi, full, weak = (results["modes"][m]["mean_miou"] for m in ("semi", "full", "weak"))
     g = results["gains"]
     assert g["semi_vs_full"] == (pytest.approx(semi / full - 1) if full else None)
@@ -68,17 +70,17 @@ def test_experiment_on_s3_runs_every_mode_end_to_end_and_reuses_finished_stages(
     assert "sensitivity_exact_experts" not in results  # --no-sensitivity
     assert len(results["reference"]) == 2
     # Every student saw the same number of images in the same number of optimizer steps.
-    students = f"{out}/annotated/students"
-    epochs = [json.loads(_text(f"{students}/{m}/metrics.json"))["epochs"] for m in ("weak", "full", "semi", "distill")]
+    modes = ("weak", "full", "semi", "distill")
+    epochs = [json.loads(_text(f"{at.student('annotated', m)}/metrics.json"))["epochs"] for m in modes]
     seen = {sum(e["train_images"] for e in history) for history in epochs}
     assert seen == {3 * 4}  # steps_per_epoch x batch_size, one epoch
     curve = results["expert_curve"]
-    n_train = sum(1 for line in _text(f"{out}/annotated/expert/split.csv").splitlines()[1:]
+    n_train = sum(1 for line in _text(f"{at.expert_split('annotated')}/split.csv").splitlines()[1:]
                   if line.split(",")[-1] == "expert_train")  # fmt: skip
     assert curve["sizes"] == [4, n_train] and len(curve["full"]) == len(curve["semi"]) == 2
     assert curve["full"][1] == full and curve["semi"][1] == semi  # "all" is the headline's students
-    assert len(fsio.read_bytes(f"{out}/expert_curve.png")) > 1000
-    md = _text(f"{out}/results.md")
+    assert len(fsio.read_bytes(at.expert_curve_png)) > 1000
+    md = _text(at.results_md)
     for mode in ("weak", "full", "semi", "distill"):
         assert f"| {mode} | **{results['modes'][mode]['mean_miou']:.4f}**" in md
     assert "semi vs full" in md and "Seconds per stage" in md
@@ -87,7 +89,7 @@ def test_experiment_on_s3_runs_every_mode_end_to_end_and_reuses_finished_stages(
     again = capsys.readouterr().out
     assert "train weak: reused" in again and "train the classifier: reused" in again
     assert "train semi (4 expert images): reused" in again
-    rerun = json.loads(_text(f"{out}/results.json"))
+    rerun = json.loads(_text(at.results_json))
     assert {m: r["mean_miou"] for m, r in rerun["modes"].items()} == {
         m: r["mean_miou"] for m, r in results["modes"].items()
     }
