@@ -25,7 +25,7 @@ import csv
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ class SegmentSummary:
         images: images written; failed: images left out (listed in ``failures``).
         positives: per pathology, the images with a non-empty mask.
         seconds, images_per_s: the pipeline's wall time and throughput.
+        gpus_per_actor: the GPUs each actor had (``segment.gpus_per_actor``, ``auto`` resolved on the cluster).
     """
 
     out: str
@@ -66,6 +67,7 @@ class SegmentSummary:
     seconds: float = 0.0
     images_per_s: float = 0.0
     failures: str | None = None
+    gpus_per_actor: float = 0.0
 
     def line(self) -> str:
         share = ", ".join(f"{t} {self.positives.get(t, 0)}" for t in TASKS)
@@ -171,7 +173,9 @@ def run_segment(cfg: Config, checkpoint: str, manifest: str, out: str) -> Segmen
     can_grow = ray_can_grow()
     with ray_session():
         resources = cluster_resources()
-        sc.gpus_per_actor = actor_gpus("segment", sc.num_actors, sc.gpus_per_actor, resources)  # "auto" resolved
+        # "auto" resolved for this run only: the config keeps what the user asked for, the summary what ran.
+        sc = replace(sc, gpus_per_actor=actor_gpus("segment", sc.num_actors, sc.gpus_per_actor, resources))
+        summary.gpus_per_actor = float(sc.gpus_per_actor)
         problem = pool_problem(
             "segment", sc.num_actors, sc.cpus_per_actor, float(sc.gpus_per_actor), sc.decode_cpus, resources
         )

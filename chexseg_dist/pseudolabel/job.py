@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -91,7 +91,10 @@ def run_pseudolabel(
         with ray_session():
             start = time.time()  # images/s covers the pipeline (actor start-up included), not starting Ray itself
             resources = cluster_resources()
-            pl.gpus_per_actor = actor_gpus("pseudolabel", pl.num_actors, pl.gpus_per_actor, resources)  # "auto"
+            # "auto" resolved for this run only: the config keeps what the user asked for, the summary what ran.
+            gpus = actor_gpus("pseudolabel", pl.num_actors, pl.gpus_per_actor, resources)
+            pl = replace(pl, gpus_per_actor=gpus)
+            summary.gpus_per_actor = float(gpus)
             problem = resource_problem(pl, resources)
             if problem and not can_grow:
                 raise InputError(problem)  # A Ray started here never grows: the job would wait forever.

@@ -31,6 +31,7 @@ class PseudolabelSummary:
         busy_s: seconds each operator's tasks or actors spent working, summed over them (from
             ``Dataset.stats()``; empty when nothing ran). See :meth:`stage_line`.
         num_actors: the classifier actor pool's size.
+        gpus_per_actor: the GPUs each actor had (``pseudolabel.gpus_per_actor``, ``auto`` resolved on the cluster).
     """
 
     store: str
@@ -47,6 +48,7 @@ class PseudolabelSummary:
     run_id: str
     busy_s: dict[str, float] = field(default_factory=dict)
     num_actors: int = 1
+    gpus_per_actor: float = 0.0
 
     @property
     def exit_code(self) -> int:

@@ -207,9 +207,9 @@ def _reexport(task: TrainTask, out: str, storage: str, run_name: str, latest: di
 
 def _fit(task: TrainTask, out: str, fault: FaultInjection | None, storage: str, run_name: str) -> TrainResult:
     loop = task.loop
-    # "auto" becomes what the cluster has, in the section itself: the run, its description and the exported config
-    # all see the value the run used.
-    loop.use_gpu = worker_gpus(loop.SECTION, loop.num_workers, loop.use_gpu, cluster_resources(), ray_can_grow())
+    # "auto" becomes what the cluster has, for this run: the task (its description, the workers) uses the resolved
+    # value and the export records it under the config's run facts; the config keeps what the user asked for.
+    task.use_gpu = worker_gpus(loop.SECTION, loop.num_workers, loop.use_gpu, cluster_resources(), ray_can_grow())
     invocation = uuid.uuid4().hex
     datasets = task.datasets()
     say(f"[{task.name}] {task.describe()}; run {run_name!r} in {storage}")
@@ -243,7 +243,8 @@ def _fit(task: TrainTask, out: str, fault: FaultInjection | None, storage: str, 
     mine = [int(s["epoch"]) for s in starts if s["invocation"] == invocation]
     # No attempt of this invocation reported anything: the run was already complete.
     start_epoch = min(mine) if mine else len(history)
-    files = task.export(best_state, best, history, out, {"run": f"{storage}/{run_name}", "wall_time_s": wall})
+    extra = {"run": f"{storage}/{run_name}", "wall_time_s": wall, "use_gpu": task.use_gpu}
+    files = task.export(best_state, best, history, out, extra)
     return TrainResult(
         out=out,
         history=history,
@@ -273,7 +274,7 @@ def _train(
 
     loop = task.loop
     resources = {"CPU": loop.cpus_per_worker}
-    if loop.use_gpu:
+    if task.use_gpu:
         resources["GPU"] = 1.0
     trainer = TorchTrainer(
         worker_loop,
@@ -286,7 +287,7 @@ def _train(
             "relay": relay.handle,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=loop.num_workers, use_gpu=bool(loop.use_gpu), resources_per_worker=resources
+            num_workers=loop.num_workers, use_gpu=task.use_gpu, resources_per_worker=resources
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(

@@ -94,6 +94,9 @@ class TrainTask(ABC):
     split_datasets: tuple[str, ...] = ("train",)
     #: Deliver rows in the datasets' own order (Ray Data's ``preserve_order``): a reproducible run, some throughput.
     preserve_order: bool = False
+    #: Whether the workers run on GPUs: the section's ``use_gpu`` with ``auto`` resolved by the loop when the run
+    #: starts (the config itself keeps what the user asked for; the export records this under its run facts).
+    use_gpu: bool = False
 
     # ---------------------------------------------------------------- driver
     @abstractmethod

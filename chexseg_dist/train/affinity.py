@@ -211,7 +211,7 @@ class AffinityTask(TrainTask):
         return (
             f"{self.n_train} train / {self.n_valid} held-out images of {self.store}; boundary net width {ta.width} "
             f"at {self.frame} px (stride {STRIDE}), pairs within {ta.radius} cells; batch {ta.batch_size}, "
-            f"{ta.epochs} epochs on {ta.num_workers} worker(s) ({'GPU' if ta.use_gpu else 'CPU'})"
+            f"{ta.epochs} epochs on {ta.num_workers} worker(s) ({'GPU' if self.use_gpu else 'CPU'})"
         )
 
     def export(

@@ -195,7 +195,7 @@ class ClassifierTask(TrainTask):
 
     def describe(self) -> str:
         tc = self.tc
-        device = "GPU" if tc.use_gpu else "CPU"
+        device = "GPU" if self.use_gpu else "CPU"
         return (
             f"{self.n_train} train / {self.n_valid} valid radiographs; {self.arch} at {self.image_size} px; "
             f"{tc.num_workers} worker(s) ({device})"

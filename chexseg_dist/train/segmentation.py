@@ -317,7 +317,7 @@ class SegmentationTask(TrainTask):
             )
         if ts.mode == "semi":
             parts.append(f"w = {ts.expert_ratio} ({ts.mixing})")
-        device = "GPU" if ts.use_gpu else "CPU"
+        device = "GPU" if self.use_gpu else "CPU"
         parts.append(
             f"{m.arch}/{m.encoder} at {m.image_size} px, batch {ts.batch_size}, {self.steps_per_epoch(ts.num_workers)} "
             f"steps x {ts.epochs} epochs on {ts.num_workers} worker(s) ({device})"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from chexseg_dist.config import load_config
@@ -43,9 +44,13 @@ def test_a_trained_classifier_learns_records_left_out_images_and_round_trips(
     from chexseg_dist.train.classifier import train_classifier
 
     out = str(tmp_path / "ckpt")
-    cfg = load_config("tiny", overrides=[*SMALL, "train_classifier.epochs=2"])
+    cfg = load_config("tiny", overrides=[*SMALL, "train_classifier.epochs=2", "train_classifier.use_gpu=auto"])
     result = train_classifier(cfg, data["train"], data["valid"], out, verbose=False)
     assert result.start_epoch == 0 and [m["epoch"] for m in result.history] == [0, 1]
+    # "auto" was resolved for the run (no GPU here) and recorded with it; the config keeps what was asked.
+    assert cfg.train_classifier.use_gpu == "auto"
+    saved_config = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
+    assert saved_config["train_classifier"]["use_gpu"] == "auto" and saved_config["run"]["use_gpu"] is False
     # 2 undecodable train images were left out and recorded, never trained on.
     assert all(m["failed_images"] == 2 and m["train_images"] == 38 for m in result.history)
     assert all(m["valid_images"] == 16 for m in result.history)
