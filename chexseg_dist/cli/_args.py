@@ -120,6 +120,12 @@ class Output:
     kind: str = "file"
     suffixes: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
+    #: The file that marks this command's own finished output in a folder (e.g. ``segmentation.json``): a folder
+    #: holding another command's marker (:data:`ARTIFACTS`) is refused rather than written over.
+    marker: str = ""
+    #: A folder the command fills on its own (``chexseg demo``): refused when it already holds files but not the
+    #: marker of an earlier run of the command, unless ``--overwrite`` is given.
+    fresh: bool = False
 
     def paths(self, value: str) -> list[str]:
         """Every path this output writes for the argument ``value``."""
@@ -128,8 +134,22 @@ class Output:
         return [value, *(value + suffix for suffix in self.writes)]
 
 
+#: The files that mark a finished artifact of a command inside a folder, and what they are: an output folder holding
+#: one that is not the command's own (:attr:`Output.marker`) is refused, so no command writes over another's work.
+ARTIFACTS = {
+    "checkpoint.json": ("a classifier checkpoint", "chexseg train-classifier"),
+    "segmentation.json": ("a segmentation checkpoint", "chexseg train-segmentation"),
+    "affinity.json": ("an affinity network", "chexseg train-affinity"),
+    "zarr.json": ("a Zarr store", "chexseg pseudolabel"),
+}
+
+
 def check_paths(args: argparse.Namespace, inputs: Sequence[str], outputs: Sequence[Output]) -> None:
-    """Refuse, before any work, outputs that would overwrite an input or a path of another kind.
+    """Refuse, before any work, outputs that would overwrite an input, lie inside one or hold one, write over
+    another command's artifact, or are a path of another kind.
+
+    Inputs are the command's input arguments and the files its config names (``--config`` and ``--set``:
+    :data:`chexseg_dist.config.resolve.PATH_FIELDS`, e.g. a distillation teacher or an encoder's classifier).
 
     Args:
         args: the parsed arguments.
@@ -138,22 +158,48 @@ def check_paths(args: argparse.Namespace, inputs: Sequence[str], outputs: Sequen
 
     Raises:
         OutputError: naming the flag, the path and the fix.
+        ConfigError: the config itself cannot be resolved (checked here, before any work, too).
     """
     given_inputs = [
-        (dest, path) for dest in inputs for path in _paths(getattr(args, dest, None)) if path and not path.isspace()
+        ("--" + dest.replace("_", "-"), path)
+        for dest in inputs
+        for path in _paths(getattr(args, dest, None))
+        if path and not path.isspace()
     ]
+    given_inputs += _config_inputs(args)
     for out in outputs:
         path = getattr(args, out.dest, None)
         if not path:
             continue
         flag = "--" + out.dest.replace("_", "-")
         for written in out.paths(path):
-            for dest, source in given_inputs:
+            for name, source in given_inputs:
                 if fsio.same_location(written, source):
                     what = path if written == path else f"{path} (it writes {written})"
                     raise OutputError(
-                        f"{flag} {what} would overwrite the input --{dest.replace('_', '-')}; choose another {flag}, "
-                        "or copy the input elsewhere first"
+                        f"{flag} {what} would overwrite the input {name}; choose another {flag}, or copy the input "
+                        "elsewhere first"
+                    )
+        for name, source in given_inputs:
+            if fsio.within(path, source):
+                raise OutputError(f"{flag} {path} lies inside the input {name} {source}; choose an {flag} outside it")
+            if out.kind == "folder" and fsio.within(source, path):
+                raise OutputError(
+                    f"{flag} {path} holds the input {name} {source}; choose an {flag} that holds no input"
+                )
+        if out.fresh and fsio.isdir(path) and not getattr(args, "overwrite", False):
+            fs, inner = fsio.filesystem(path)
+            if fs.ls(inner, detail=False) and not fsio.exists(fsio.join(path, out.marker)):
+                raise OutputError(
+                    f"{flag} {path} is a folder with files that chexseg {getattr(args, 'command', '')} did not write "
+                    f"(no {out.marker}); choose a new or empty {flag}, or pass --overwrite to write into it"
+                )
+        if out.kind == "folder" and fsio.isdir(path):
+            for marker, (what, by) in ARTIFACTS.items():
+                if marker != out.marker and fsio.isfile(fsio.join(path, marker)):
+                    raise OutputError(
+                        f"{flag} {path} holds {what} ({marker}, written by {by}); writing here would replace it: "
+                        f"choose another {flag}"
                     )
         if out.kind == "file":
             if out.suffixes and not path.lower().endswith(out.suffixes):
@@ -162,6 +208,15 @@ def check_paths(args: argparse.Namespace, inputs: Sequence[str], outputs: Sequen
                 raise OutputError(f"{flag} {path} is an existing folder; give a file name inside it or elsewhere")
         elif out.kind == "folder" and fsio.isfile(path):
             raise OutputError(f"{flag} {path} is an existing file, not a folder; choose another {flag}")
+
+
+def _config_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The inputs a command's config names (``section.field``, path), when it takes config arguments."""
+    if not hasattr(args, "preset") or not hasattr(args, "command"):
+        return []
+    from chexseg_dist.config.resolve import config_inputs
+
+    return config_inputs(load_command_config(args.command, args))
 
 
 def _paths(value: Any) -> list[str]:

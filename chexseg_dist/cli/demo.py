@@ -35,7 +35,7 @@ SPLITS = ("train", "valid", "test")
 #: The demo's own data sizes (the synth defaults are the experiment's, minutes more to train on).
 DEMO_SIZES = {"n_train": 600, "n_valid": 80, "n_test": 80}
 INPUTS = ("config",)
-OUTPUTS = (Output("out", "folder", writes=("demo.log", "thresholds.json")),)
+OUTPUTS = (Output("out", "folder", writes=("demo.log", "thresholds.json"), marker="demo.log", fresh=True),)
 
 
 def log_path(args: argparse.Namespace) -> str:
@@ -45,6 +45,11 @@ def log_path(args: argparse.Namespace) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
     parser.add_argument("--n-overlays", type=int, default=4, help="test images to draw overlays for")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out folder that holds files an earlier demo did not write (they may be replaced)",
+    )
     add_config_arguments(parser)
 
 

@@ -20,7 +20,7 @@ import time
 from chexseg_dist.cli._args import Output, add_config_arguments, load_command_config, log_beside
 
 INPUTS = ("manifest", "checkpoint", "config")
-OUTPUTS = (Output("store", "folder", writes=("zarr.json",)),)
+OUTPUTS = (Output("store", "folder", writes=("zarr.json",), marker="zarr.json"),)
 
 
 def log_path(args: argparse.Namespace) -> str:

@@ -24,6 +24,7 @@ OUTPUTS = (
         "out",
         "folder",
         writes=("model.pt", "affinity.json", "metrics.json", "metrics.csv", "config.yaml", "failures.csv", "train.log"),
+        marker="affinity.json",
     ),
 )
 

@@ -29,6 +29,7 @@ OUTPUTS = (
             "failures.csv",
             "train.log",
         ),
+        marker="checkpoint.json",
     ),
 )
 

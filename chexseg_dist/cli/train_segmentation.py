@@ -40,6 +40,7 @@ OUTPUTS = (
             "failures.csv",
             "train.log",
         ),
+        marker="segmentation.json",
     ),
 )
 

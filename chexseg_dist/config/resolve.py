@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -52,7 +53,39 @@ def load_config(preset: str = "tiny", path: str | Path | None = None, overrides:
         if not isinstance(merged[section], dict):
             raise ConfigError(f"override {item!r}: {section!r} is not a config section")
         merged[section][name] = _parse_override(section, name, raw)
-    return from_dict(merged)
+    return absolute_paths(from_dict(merged))
+
+
+#: Config fields that name a file or folder a command reads (``section.field``): every command treats them as its
+#: inputs (an output may not overwrite or enter them), and a relative local path is made absolute here, on the
+#: driver, before any Ray worker (whose working directory is its own) sees it.
+PATH_FIELDS = (
+    "masks.thresholds",
+    "masks.affinity_checkpoint",
+    "segmentation.encoder_init",
+    "train_segmentation.teacher",
+)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with every non-empty local path of :data:`PATH_FIELDS` made absolute (URIs are left as they are)."""
+    for key in PATH_FIELDS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not fsio.is_uri(value):
+            setattr(getattr(cfg, section), name, os.path.abspath(os.path.expanduser(value)))
+    return cfg
+
+
+def config_inputs(cfg: Config) -> list[tuple[str, str]]:
+    """``(section.field, path)`` of every input a config names (:data:`PATH_FIELDS` that are set)."""
+    out = []
+    for key in PATH_FIELDS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value:
+            out.append((key, value))
+    return out
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -202,6 +202,16 @@ def same_location(a: str, b: str) -> bool:
     return os.path.realpath(_local(a)) == os.path.realpath(_local(b))
 
 
+def within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (local paths compared after resolving links; URIs by
+    prefix)."""
+    if is_uri(path) or is_uri(folder):
+        a, b = path.rstrip("/"), folder.rstrip("/")
+        return a == b or a.startswith(b + "/")
+    a, b = os.path.realpath(_local(path)), os.path.realpath(_local(folder))
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
 # Conditional writes: what a lock needs from a file system. On S3 they are conditional PUTs (``If-None-Match: *``
 # creates only if absent, ``If-Match: <ETag>`` replaces only the version read), which AWS S3 and the moto server
 # honour; on local disks a hard link creates atomically. ``tag`` identifies one version of a file.
