@@ -41,7 +41,7 @@ from chexseg_dist.data.chexlocalize import encode_mask
 from chexseg_dist.data.frames import with_decode_stage
 from chexseg_dist.data.manifest import read_manifest, select_views
 from chexseg_dist.errors import InputError
-from chexseg_dist.models.segmentation import read_segmentation_meta
+from chexseg_dist.models.segmentation import load_segmentation
 from chexseg_dist.predict.predictor import SegmentationPredictor
 
 FAILURES_SUFFIX = ".failures.csv"
@@ -151,11 +151,13 @@ def run_segment(cfg: Config, checkpoint: str, manifest: str, out: str) -> Segmen
     ``<out>.failures.csv``.
 
     Raises:
-        CheckpointError: not a segmentation checkpoint. ManifestError / InputError: the manifest, or a pool the local
-            Ray can never schedule.
+        CheckpointError: not a segmentation checkpoint, or its weights are damaged or replaced.
+        ManifestError / InputError: the manifest, or a pool the local Ray can never schedule.
     """
     sc = cfg.segment
-    meta = read_segmentation_meta(checkpoint)
+    # The weights are read and checked against their fingerprint here, on the driver: a truncated or swapped
+    # model.pt is one line now, not an actor's traceback once Ray has started.
+    meta = load_segmentation(checkpoint).meta
     thresholds = [float(meta["thresholds"][t]) for t in TASKS]
     image_size = int(meta["image_size"])
     views = select_views(read_manifest(manifest, ["row", "image_id", "path", "frontal"]), sc.frontal_only)

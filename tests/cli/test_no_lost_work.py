@@ -128,3 +128,20 @@ def test_relative_paths_in_config_fields_are_made_absolute_on_the_driver(tmp_pat
         ]
     )
     assert load_command_config("train-segmentation", uri).train_segmentation.teacher == "s3://b/t"
+
+
+def test_segment_checks_the_students_weights_before_ray_starts(
+    student_world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from chexseg_dist.core.pathologies import N_TASKS
+    from chexseg_dist.models.segmentation import create_segmentation, save_segmentation
+
+    model = tmp_path / "student"
+    save_segmentation(str(model), create_segmentation("unet", "resnet18"), image_size=64,
+                      thresholds=[0.5] * N_TASKS, config={})  # fmt: skip
+    weights = model / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a copy that stopped
+    out = tmp_path / "pred.json"
+    argv = ["segment", "--model", str(model), "--manifest", student_world["test"], "--out", str(out)]
+    refused(argv, capsys, f"checkpoint {weights}: cannot read the weights", "save it again")
+    assert not out.exists()
