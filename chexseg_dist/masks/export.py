@@ -14,6 +14,7 @@ from chexseg_dist.core.pathologies import TASKS
 from chexseg_dist.errors import InputError
 from chexseg_dist.masks.gating import manifest_labels
 from chexseg_dist.masks.maker import MaskMaker
+from chexseg_dist.masks.thresholds import TunedThresholds, check_thresholds_store
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def export_masks(
             "paths"
         )
     store = MapStore.open(store_uri)
+    if cfg.thresholds and (cfg.strategy == "tuned" or cfg.prob_cutoff):
+        check_thresholds_store(TunedThresholds.load(cfg.thresholds), cfg.thresholds, store.uri, store.attrs)
     done = store.done()
     if not done.all():
         missing = [str(i) for i in store.image_ids[~done]]

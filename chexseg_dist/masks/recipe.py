@@ -20,7 +20,7 @@ from typing import Any
 
 from chexseg_dist.config import Config, MasksConfig
 from chexseg_dist.masks.maker import MaskMaker
-from chexseg_dist.masks.thresholds import TunedThresholds
+from chexseg_dist.masks.thresholds import TunedThresholds, check_thresholds_store
 from chexseg_dist.store.layout import REFINED_VERSION
 from chexseg_dist.store.mapstore import MapStore
 
@@ -92,6 +92,17 @@ def student_maker(cfg: Config, thresholds: str | None) -> MaskMaker:
     return replace(maker, label_gating=cfg.train_segmentation.label_gating)
 
 
+def check_store(cfg: Config, thresholds: str | None, store: MapStore) -> None:
+    """Refuse tuned thresholds (when the recipe uses them) tuned on the maps of another classifier than the store's.
+
+    Raises:
+        InputError: naming the thresholds file, the store and both classifiers' fingerprints.
+    """
+    path = thresholds_path(cfg, thresholds)
+    if path and (cfg.masks.strategy == "tuned" or cfg.masks.prob_cutoff):
+        check_thresholds_store(TunedThresholds.load(path), path, store.uri, store.attrs)
+
+
 def refine_spec(
     masks: MasksConfig, thresholds: TunedThresholds | None, label_gating: bool, frame: int, model_fingerprint: str
 ) -> dict[str, Any]:
@@ -129,6 +140,7 @@ def student_recipe(cfg: Config, thresholds: str | None, store: MapStore) -> Pseu
     """The maker, spec and key of the pseudo-masks the student of ``cfg`` makes from ``store``."""
     path = thresholds_path(cfg, thresholds)
     tuned = TunedThresholds.load(path) if path else None
+    check_store(cfg, thresholds, store)
     model = str(store.attrs.get("model_fingerprint", ""))
     spec = refine_spec(
         cfg.masks, tuned, cfg.train_segmentation.label_gating, cfg.segmentation.image_size, model_fingerprint=model

@@ -72,3 +72,22 @@ class TunedThresholds:
             values.append(arr)
         meta = {k: v for k, v in data.items() if k not in ("thresholds", "cutoffs", "format", "version")}
         return cls(thresholds=values[0], cutoffs=values[1], meta=meta)
+
+
+def check_thresholds_store(tuned: TunedThresholds, path: str, store_uri: str, store_attrs: dict[str, Any]) -> None:
+    """Refuse thresholds tuned on the maps of another classifier than the store's they are applied to.
+
+    A thresholds file records the model fingerprint of the store it was tuned on (``store.model_fingerprint``,
+    written since 0.1.0's successor); a file without one (older) cannot be checked and passes.
+
+    Raises:
+        InputError: naming both fingerprints, the file and the store, and the fix.
+    """
+    tuned_on = (tuned.meta.get("store") or {}).get("model_fingerprint")
+    applied_to = store_attrs.get("model_fingerprint")
+    if tuned_on and applied_to and tuned_on != applied_to:
+        raise InputError(
+            f"thresholds {path} were tuned on the maps of classifier {str(tuned_on)[:12]}... "
+            f"({(tuned.meta.get('store') or {}).get('uri')}) but {store_uri} holds the maps of classifier "
+            f"{str(applied_to)[:12]}...: tune thresholds on a store of this classifier (chexseg tune-thresholds)"
+        )

@@ -351,6 +351,9 @@ def tune(
             raise InputError("label gating needs --manifest with the images' labels")
         label_keep = gated_keep(manifest, sorted(gt))
     table, fingerprint = build_table(store_uri, gt, steps, label_keep, workers, gt_source=gt_path)
+    from chexseg_dist.store.mapstore import MapStore
+
+    model_fingerprint = MapStore.open(store_uri).attrs.get("model_fingerprint")
     thresholds, cutoffs, details = choose(table, mode, cutoff_steps, fallback)
     curves = details.pop("_curves")
     meta = {
@@ -365,7 +368,7 @@ def tune(
         "pathologies": details,
         "curves": {"mode": curves["mode"], "thresholds": table.grid.tolist(), "miou": curves["miou"]},
         "n_images": len(table.image_ids),
-        "store": {"uri": store_uri, "fingerprint": "sha256:" + fingerprint},
+        "store": {"uri": store_uri, "fingerprint": "sha256:" + fingerprint, "model_fingerprint": model_fingerprint},
         "gt": {"path": gt_path, "sha256": hashlib.sha256(read_bytes(gt_path)).hexdigest()},
         "manifest": manifest,
         "seconds": round(time.perf_counter() - t0, 2),

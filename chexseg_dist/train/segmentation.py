@@ -56,7 +56,7 @@ from chexseg_dist.data.expert import ExpertSet, check_mask_sizes, load_expert_se
 from chexseg_dist.data.manifest import read_manifest
 from chexseg_dist.errors import CheckpointError, ConfigError, InputError, TrainingError
 from chexseg_dist.masks.maker import MaskMaker
-from chexseg_dist.masks.recipe import student_maker
+from chexseg_dist.masks.recipe import check_store, student_maker
 from chexseg_dist.masks.tuning import choose_output_thresholds
 from chexseg_dist.metrics.sweep import ThresholdSweep
 from chexseg_dist.models.checkpoint import read_meta
@@ -218,8 +218,12 @@ class SegmentationTask(TrainTask):
         groups = {"expert-train": _patients(expert.train), "expert-select": _patients(expert.select)}
         if self.uses_pseudo:
             self._pseudo = load_pseudo_set(inputs.pseudo_store, inputs.pseudo_manifest)
-            if self.maker is not None and self.maker.refines:
-                self.refined_key = refined_key_for(self.cfg, inputs.thresholds or None, self._pseudo, self.name)
+            if self.maker is not None:
+                from chexseg_dist.store.mapstore import MapStore
+
+                check_store(self.cfg, inputs.thresholds or None, MapStore.open(self._pseudo.store))
+                if self.maker.refines:
+                    self.refined_key = refined_key_for(self.cfg, inputs.thresholds or None, self._pseudo, self.name)
             groups["pseudo"] = _patients(self._pseudo.rows)
             self.n_pseudo = len(self._pseudo)
             self.pseudo_failed, self.pseudo_pending = self._pseudo.failed, self._pseudo.pending

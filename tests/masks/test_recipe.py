@@ -103,3 +103,29 @@ def test_the_recipe_reads_thresholds_from_the_config_as_the_maker_does(tmp_path:
     )
     assert by_flag.key == by_config.key and by_flag.spec["thresholds"] == [0.3] * N_TASKS
     assert by_config.maker.label_gating is True  # the student's own gate (train_segmentation.label_gating)
+
+
+def test_thresholds_of_another_classifiers_maps_are_refused_for_a_store(tmp_path: Path) -> None:
+    from chexseg_dist.errors import InputError
+    from chexseg_dist.masks.recipe import check_store
+
+    def store(name: str, model: str) -> MapStore:
+        ms = MapStore.create(str(tmp_path / name), ["a"], np.array([0]), (4, 4), {"model_fingerprint": model}, 1)
+        return MapStore.open(ms.uri)
+
+    tuned_on = {"store": {"uri": str(tmp_path / "valid.zarr"), "model_fingerprint": "sha256:aaaa1111"}}
+    path = tmp_path / "t.json"
+    TunedThresholds(thresholds=np.full(N_TASKS, 0.3), cutoffs=np.zeros(N_TASKS), meta=tuned_on).save(str(path))
+    cfg = load_config("tiny", overrides=["masks.strategy=tuned"])
+    check_store(cfg, str(path), store("same.zarr", "sha256:aaaa1111"))  # the same classifier: fine
+    other = store("other.zarr", "sha256:bbbb2222")
+    with pytest.raises(
+        InputError, match=r"t\.json were tuned on the maps of classifier sha256:aaaa.*other\.zarr holds"
+    ):
+        check_store(cfg, str(path), other)
+    with pytest.raises(InputError, match="tune thresholds on a store of this classifier"):
+        student_recipe(cfg, str(path), other)
+    check_store(load_config("tiny"), str(path), other)  # Otsu masks do not use the thresholds
+    # A file written before thresholds recorded their classifier cannot be checked, and passes.
+    TunedThresholds(thresholds=np.full(N_TASKS, 0.3), cutoffs=np.zeros(N_TASKS), meta={}).save(str(path))
+    check_store(cfg, str(path), other)
