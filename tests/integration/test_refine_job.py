@@ -254,6 +254,11 @@ def test_train_affinity_then_refine_with_it(
     assert "trained on 64 px frames" in capsys.readouterr().err
     assert main([*base, "--set", "masks.refiner=affinity"]) == 2
     assert "chexseg train-affinity" in capsys.readouterr().err
-    assert main([*base, "--set", "masks.refiner=affinity", "--set", f"masks.affinity_checkpoint={tmp_path}"]) == 2
+    # (A folder apart from --out: an --out inside the named network's folder is refused before it is opened.)
+    not_affinity = tmp_path / "not_affinity"
+    not_affinity.mkdir()
+    assert main([*base, "--set", "masks.refiner=affinity", "--set", f"masks.affinity_checkpoint={not_affinity}"]) == 2
     err = capsys.readouterr().err
     assert "affinity.json not found" in err and err.count("\n") == 1
+    assert main([*base, "--set", "masks.refiner=affinity", "--set", f"masks.affinity_checkpoint={tmp_path}"]) == 2
+    assert "lies inside the input masks.affinity_checkpoint" in capsys.readouterr().err
