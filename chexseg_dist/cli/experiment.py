@@ -193,10 +193,17 @@ class _Experiment:
         )  # fmt: skip
 
     def modes(self, setting: str) -> None:
-        from chexseg_dist.evaluation.experiment import MODES, gains
+        from chexseg_dist.evaluation.experiment import MODES, gains, paired_difference
 
         rows = {mode: self.student(setting, mode, mode) for mode in MODES}
-        entry = {"modes": rows, "gains": gains(rows)}
+        ev = self.cfg.evaluate
+        full = self.at.evaluation(setting, "full")
+        paired = {
+            mode: paired_difference(self.at.evaluation(setting, mode), full, self.scored, ev.n_bootstrap, ev.seed)
+            for mode in MODES
+            if mode != "full"
+        }
+        entry = {"modes": rows, "gains": gains(rows), "paired_vs_full": paired}
         if setting == "annotated":
             self.results.update(entry)
         else:

@@ -11,10 +11,14 @@ Everything here reads the ``summary.json`` files ``chexseg evaluate`` wrote; not
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from chexseg_dist.core import fsio
 from chexseg_dist.core.pathologies import TASKS
@@ -51,6 +55,64 @@ def comparison(summary: Mapping[str, Any], scored: Sequence[str]) -> dict[str, A
         "mean_miou": sum(values) / len(values) if values else float("nan"),
         "pathologies": rows,
         "n_images": summary.get("n_images"),
+    }
+
+
+def _per_image(folder: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(image_ids, iou [n, 10], kept [n, 10])`` from an evaluation folder's ``per_image.csv`` (TASKS order)."""
+    text = fsio.read_bytes(fsio.join(folder, "per_image.csv")).decode("utf-8")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    ids = sorted({r["image_id"] for r in rows})
+    where = {image_id: i for i, image_id in enumerate(ids)}
+    col = {t: k for k, t in enumerate(TASKS)}
+    iou, kept = np.zeros((len(ids), len(TASKS))), np.zeros((len(ids), len(TASKS)))
+    for r in rows:
+        i, k = where[r["image_id"]], col[r["pathology"]]
+        kept[i, k] = float(r["kept"])
+        iou[i, k] = float(r["iou"]) if r["iou"] else 0.0
+    return ids, iou, kept
+
+
+def _comparison_metric(iou: np.ndarray, kept: np.ndarray, weights: np.ndarray, scored: Sequence[int]) -> np.ndarray:
+    """The comparison metric for image weights ``[B, n]`` (one row per resample): per pathology the weighted mean
+    IoU over kept pairs (0 when none is kept), then the plain mean over the scored pathologies; ``[B]``."""
+    num = weights @ (iou * kept)
+    den = weights @ kept
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    return per[:, list(scored)].mean(axis=1) if len(scored) else np.full(len(weights), np.nan)
+
+
+def paired_difference(
+    folder: str, baseline: str, scored: Sequence[str], n_bootstrap: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """The comparison metric of one evaluation minus another's on the same test images, with a paired bootstrap CI:
+    every resample draws the same images for both (their ``per_image.csv`` files), so what the two rows share (hard
+    or easy images) cancels in the difference.
+
+    Returns:
+        ``{"difference", "ci": [lo, hi], "n_images", "n_bootstrap"}`` (95% percentile interval).
+
+    Raises:
+        ValueError: the two evaluations are not of the same images.
+    """
+    from chexseg_dist.metrics.bootstrap import bootstrap_counts, percentile_ci
+
+    ids_a, iou_a, kept_a = _per_image(folder)
+    ids_b, iou_b, kept_b = _per_image(baseline)
+    if ids_a != ids_b:
+        raise ValueError(f"{folder} and {baseline} evaluate different test images; a paired difference needs the same")
+    cols = [TASKS.index(t) for t in scored]
+    ones = np.ones((1, len(ids_a)))
+    point = _comparison_metric(iou_a, kept_a, ones, cols)[0] - _comparison_metric(iou_b, kept_b, ones, cols)[0]
+    counts = bootstrap_counts(len(ids_a), n_bootstrap, seed)
+    diffs = _comparison_metric(iou_a, kept_a, counts, cols) - _comparison_metric(iou_b, kept_b, counts, cols)
+    lo, hi = percentile_ci(diffs[:, None])[0] if n_bootstrap else (float("nan"), float("nan"))
+    return {
+        "difference": float(point),
+        "ci": [float(lo), float(hi)],
+        "n_images": len(ids_a),
+        "n_bootstrap": int(n_bootstrap),
     }
 
 
@@ -111,10 +173,21 @@ def markdown(results: Mapping[str, Any]) -> str:
     for name, entry in results.get("reference", {}).items():
         lines.append(row(f"reference: {name}", entry))
     g = results["gains"]
+    paired = results.get("paired_vs_full") or {}
     lines += [
         "",
         f"semi vs full: {_pct(g['semi_vs_full'])} (paper: +9.7%); semi vs weak: {_pct(g['semi_vs_weak'])} "
         "(paper: +73.1%).",
+    ]
+    if paired:
+        lines += [
+            "",
+            "Each mode minus full, comparison metric, with a paired 95% bootstrap CI over the test images (the same "
+            "resampled images for both): "
+            + "; ".join(f"{m} {p['difference']:+.4f} [{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]" for m, p in paired.items())
+            + ".",
+        ]
+    lines += [
         "",
         "### Per pathology with 95% bootstrap CIs (headline)",
         "",

@@ -67,6 +67,13 @@ def test_experiment_on_s3_runs_every_mode_end_to_end_and_reuses_finished_stages(
     g = results["gains"]
     assert g["semi_vs_full"] == (pytest.approx(semi / full - 1) if full else None)
     assert g["semi_vs_weak"] == (pytest.approx(semi / weak - 1) if weak else None)
+    # Each mode minus full with a paired bootstrap CI over the same test images: its point estimate is the two rows'
+    # difference (per_image.csv rounds IoUs to 6 decimals).
+    paired = results["paired_vs_full"]
+    assert set(paired) == {"weak", "semi", "distill"}
+    for mode, p in paired.items():
+        assert p["difference"] == pytest.approx(results["modes"][mode]["mean_miou"] - full, abs=1e-5), mode
+        assert p["ci"][0] <= p["difference"] <= p["ci"][1] and p["n_images"] == 10
     assert "sensitivity_exact_experts" not in results  # --no-sensitivity
     assert len(results["reference"]) == 2
     # Every student saw the same number of images in the same number of optimizer steps.
