@@ -136,9 +136,7 @@ def _read_stored_state(fs: Any, path: str) -> dict[str, Any] | None:
     try:
         with fs.open(path, "rb") as f:
             return dict(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True))
-    except FileNotFoundError:
-        return None
-    except Exception:  # a truncated upload: Ray resumes from its own record instead
+    except Exception:  # absent, or a truncated upload: Ray resumes from its own record instead
         return None
 
 

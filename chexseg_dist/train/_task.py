@@ -228,6 +228,21 @@ class TrainResult:
     run_name: str
     files: dict[str, str] = field(default_factory=dict)
 
+    def footer(self) -> list[str]:
+        """The closing lines every task's summary ends with: wall time, where the output and the run are, and the
+        images left out (when any were)."""
+        lines = [
+            f"Wall time {self.wall_time_s:.1f} s (this invocation; started at epoch {self.start_epoch + 1}).",
+            f"Checkpoint {self.out}; metrics {self.files.get('metrics_json', '')}; Ray run "
+            f"{self.storage_path}/{self.run_name}",
+        ]
+        if "failures" in self.files:
+            lines.append(
+                f"Images left out (unreadable): {self.best_metrics.get('failed_images', '?')}, listed in "
+                f"{self.files['failures']}"
+            )
+        return lines
+
 
 def resolve_run(loop: LoopSettings, out: str, default_name: str) -> tuple[str, str]:
     """``(storage_path, run_name)`` of a run: the config's, or ``<out>.ray`` and ``basename(out)``."""

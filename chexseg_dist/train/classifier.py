@@ -373,11 +373,6 @@ def format_summary(res: TrainResult) -> str:
     lines += [
         f"  {mean_label:<{width}}  {best['mean_task_auroc']:.4f}",
         f"  {'mean (14 observations)':<{width}}  {best['mean_auroc']:.4f}",
-        f"Wall time {res.wall_time_s:.1f} s (this invocation; started at epoch {res.start_epoch + 1}).",
-        f"Checkpoint {res.out}; metrics {res.files.get('metrics_json', '')}; Ray run {res.storage_path}/{res.run_name}",
+        *res.footer(),
     ]
-    if "failures" in res.files:
-        lines.append(
-            f"Images left out (unreadable): {best.get('failed_images', '?')}, listed in {res.files['failures']}"
-        )
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from chexseg_dist.config.sections import TrainRunFields
 from chexseg_dist.core import fsio
 from chexseg_dist.train._loop import StepResult, TrainResult, TrainTask, WorkerContext, fit, write_history
 
@@ -30,28 +31,26 @@ DEBUG_WEIGHTS = "model.pt"
 
 
 @dataclass
-class DebugLoopConfig:
-    """The loop's settings (:class:`~chexseg_dist.train._loop.LoopSettings`) and the debug task's own."""
+class DebugLoopConfig(TrainRunFields):
+    """The loop's settings (the training sections' shared :class:`~chexseg_dist.config.sections.TrainRunFields`,
+    with small defaults) and the debug task's own."""
 
     SECTION: ClassVar[str] = "train_debug"
 
     epochs: int = 2
-    num_workers: int = 1
-    use_gpu: bool | str = False
     cpus_per_worker: float = 0.5
     torch_threads: int = 1
     max_failures: int = 0
-    run_name: str = ""
-    storage_path: str = ""
-    num_to_keep: int = 2
     log_every_steps: int = 0
-    seed: int = 0
     features: int = 4
     n_rows: int = 64
     batch_size: int = 8
     lr: float = 0.05
     scores: list[float] = field(default_factory=list)
     """Each epoch's score instead of minus the validation MSE (empty: the MSE)."""
+
+    def validate(self) -> None:
+        self.validate_run()
 
 
 class DebugTask(TrainTask):

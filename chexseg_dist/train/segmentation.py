@@ -221,9 +221,11 @@ class SegmentationTask(TrainTask):
             if self.maker is not None:
                 from chexseg_dist.store.mapstore import MapStore
 
-                check_store(self.cfg, inputs.thresholds or None, MapStore.open(self._pseudo.store))
+                store = MapStore.open(self._pseudo.store)
+                check_store(self.cfg, inputs.thresholds or None, store)
                 if self.maker.refines:
-                    self.refined_key = refined_key_for(self.cfg, inputs.thresholds or None, self._pseudo, self.name)
+                    slots = np.asarray(self._pseudo.rows.column("slot"), dtype=np.int64)
+                    self.refined_key = refined_key_for(self.cfg, inputs.thresholds or None, store, slots, self.name)
             groups["pseudo"] = _patients(self._pseudo.rows)
             self.n_pseudo = len(self._pseudo)
             self.pseudo_failed, self.pseudo_pending = self._pseudo.failed, self._pseudo.pending

@@ -20,7 +20,8 @@ from chexseg_dist.data.expert import expert_targets
 from chexseg_dist.data.frames import with_decode_stage
 from chexseg_dist.masks.maker import MaskMaker
 from chexseg_dist.masks.recipe import student_recipe
-from chexseg_dist.train.pseudo_set import PseudoSet, pseudo_targets, read_chunk
+from chexseg_dist.store.mapstore import MapStore
+from chexseg_dist.train.pseudo_set import pseudo_targets, read_chunk
 
 #: Expert manifest rows per Ray Data block before decoding.
 EXPERT_ROWS_PER_BLOCK = 32
@@ -76,18 +77,15 @@ def pseudo_dataset(
     )
 
 
-def refined_key_for(cfg: Config, thresholds: str | None, pseudo: PseudoSet, name: str) -> str | None:
-    """The store's refined masks of the student's recipe when they cover the pseudo set, else None (the masks are
-    then refined on the fly, at a cost: the CRF slows the weak student ~5x on 2 cores)."""
-    from chexseg_dist.store.mapstore import MapStore
+def refined_key_for(cfg: Config, thresholds: str | None, store: MapStore, slots: np.ndarray, name: str) -> str | None:
+    """The store's refined masks of the student's recipe when they cover the pseudo set's ``slots``, else None (the
+    masks are then refined on the fly, at a cost: the CRF slows the weak student ~5x on 2 cores)."""
     from chexseg_dist.store.refined import RefinedMasks
 
-    store = MapStore.open(pseudo.store)
     key = student_recipe(cfg, thresholds, store).key
     where = f"{store.uri}/refined/{key}"
     if RefinedMasks.exists(store, key):
         done = RefinedMasks.open(store, key).done()
-        slots = np.asarray(pseudo.rows.column("slot"), dtype=np.int64)
         if done[slots].all():
             say(f"[{name}] reading {cfg.masks.refiner}-refined pseudo-masks from {where}")
             return key

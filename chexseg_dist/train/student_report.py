@@ -35,12 +35,4 @@ def format_summary(res: TrainResult, mode: str) -> str:
     share = effective_ratio(res.history)
     if mode == "semi":
         lines.append(f"Effective expert share {share:.4f} over {len(res.history)} epoch(s).")
-    lines += [
-        f"Wall time {res.wall_time_s:.1f} s (this invocation; started at epoch {res.start_epoch + 1}).",
-        f"Checkpoint {res.out}; metrics {res.files.get('metrics_json', '')}; Ray run {res.storage_path}/{res.run_name}",
-    ]
-    if "failures" in res.files:
-        lines.append(
-            f"Images left out (unreadable): {best.get('failed_images', '?')}, listed in {res.files['failures']}"
-        )
-    return "\n".join(lines)
+    return "\n".join([*lines, *res.footer()])
